@@ -1,0 +1,69 @@
+"""The training input pipeline: whole batches, tensor ops, data resident on the device.
+
+The split lives on the training device as one uint8 NHWC tensor, padded once
+by 4 pixels. Each epoch draws its whole plan up front (the permutation, a
+crop offset and a flip bit per image) from a generator seeded by (seed,
+epoch): a batch is then one gather that crops and flips every image at once,
+and resuming mid-epoch or sharding across ranks is only slicing that plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PAD = 4
+
+
+@dataclass
+class EpochPlan:
+    order: torch.Tensor  # permutation of the training indices
+    dx: torch.Tensor  # crop offsets in [0, 2*PAD], per position in `order`
+    dy: torch.Tensor
+    flip: torch.Tensor  # bool
+
+
+def epoch_plan(n: int, seed: int, epoch: int, augment: bool = True) -> EpochPlan:
+    """The same (seed, epoch) gives the same plan on every machine and every rank."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    if augment:
+        dx = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
+        dy = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
+        flip = torch.rand(n, generator=g) < 0.5
+    else:
+        dx = dy = torch.full((n,), PAD)
+        flip = torch.zeros(n, dtype=torch.bool)
+    return EpochPlan(order, dx, dy, flip)
+
+
+def pad_images(images: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) uint8 -> (N, H+8, W+8, C), zero border, done once per run."""
+    return F.pad(images, (0, 0, PAD, PAD, PAD, PAD))
+
+
+def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+              flip: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Crop a size x size window at (dy, dx) of each padded image idx, mirrored where flip.
+
+    One advanced-indexing gather for the whole batch: rows and columns are
+    per-image index vectors, and a flip just reverses the column vector.
+    """
+    ar = torch.arange(size, device=padded.device)
+    rows = dy[:, None] + ar
+    cols = torch.where(flip[:, None], dx[:, None] + (size - 1) - ar, dx[:, None] + ar)
+    return padded[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              channels_last: bool = True) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW, (x/255 - mean) / std.
+
+    Permuting NHWC to NCHW gives channels_last strides for free; with
+    channels_last off we pay for one copy to the classic layout.
+    """
+    x = (images.float() - mean * 255.0) / (std * 255.0)
+    x = x.permute(0, 3, 1, 2)
+    return x if channels_last else x.contiguous()

@@ -1,0 +1,182 @@
+"""The `cifarcnn` command: a thin argparse layer over train, evaluate and predict.
+
+User errors (CifarError) print one line to stderr and exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from .errors import CifarError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model; writes a run directory",
+                       description="Train a model on CIFAR-10. Flags left out come from the "
+                       "model's own recipe (see `cifarcnn models`).")
+    p.add_argument("--model", default="paper-cnn", help="model name (default: paper-cnn)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor argument, VALUE in JSON (e.g. channels=[32,64,128])")
+    p.add_argument("--epochs", type=int, help="epochs (paper-cnn: 25, as the paper)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--schedule", choices=["onecycle", "cosine", "constant"],
+                   help="LR schedule after the linear warm-up")
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CPUs with native bf16 and on recent GPUs")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout (default on: faster on CPU and CUDA)")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random crop and flip")
+    p.add_argument("--data", help="CIFAR-10 archive or folder (default: $CIFAR10_DATA, then "
+                   "the cache folder)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the official archive (MD5-checked) if the data is missing")
+    p.add_argument("--out", help="run directory to create (default: runs/<model>-<time>)")
+    p.add_argument("--limit-train", type=int, metavar="N",
+                   help="train on a fixed class-balanced subset of N images")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="hold N training images out as the validation set; test accuracy "
+                   "is then reported once at the end")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images in image-folder data instead of stopping")
+
+
+def _parse_model_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CifarError(f"--model-arg {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .train import train
+
+    cfg = TrainConfig(
+        model=a.model, model_kwargs=_parse_model_args(a.model_arg), epochs=a.epochs,
+        batch_size=a.batch_size, optimizer=a.optimizer,
+        lr=a.lr, momentum=a.momentum, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
+        weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, seed=a.seed,
+        device=a.device, precision=a.precision, channels_last=a.channels_last,
+        augment=a.augment, data=a.data, download=a.download, out=a.out,
+        limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images)
+    train(cfg)
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    import torch
+
+    from .datasets import load_cifar10
+    from .inference import evaluate_arrays, load
+
+    clf = load(a.weights, device=a.device)
+    data = load_cifar10(a.data, a.download, verbose=True)
+    if data.classes != clf.classes:
+        raise CifarError(f"{a.data or 'data'}: classes {data.classes} differ from the "
+                         f"model's {clf.classes}")
+    t0 = time.perf_counter()
+    r = evaluate_arrays(clf.model, torch.from_numpy(data.test_images),
+                        torch.from_numpy(data.test_labels), device=clf.device,
+                        precision=clf.precision, batch_size=clf.batch_size,
+                        channels_last=clf.channels_last)
+    r["seconds"] = time.perf_counter() - t0
+    r["weights"] = str(clf.path)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"{clf.path}: {clf.meta['model']} test accuracy {r['accuracy']:.2%} "
+              f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}, {r['seconds']:.1f}s")
+        if "val_accuracy" in clf.meta:
+            print(f"(recorded at training time: {clf.meta['val_accuracy']:.2%})")
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from .inference import load
+
+    clf = load(a.weights, device=a.device)
+    probs = clf.predict_files(a.images)
+    k = min(a.top, len(clf.classes))
+    results = []
+    for path, p in zip(a.images, probs, strict=True):
+        top = p.argsort()[::-1][:k]
+        results.append({"file": str(path),
+                        "top": [{"class": clf.classes[i], "probability": float(p[i])}
+                                for i in top]})
+    if a.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=None))
+    else:
+        for r in results:
+            tops = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
+            print(f"{r['file']}: {tops}")
+    return 0
+
+
+def _cmd_models(a: argparse.Namespace) -> int:
+    from .models import MODELS, build_model, count_parameters
+
+    for name, spec in MODELS.items():
+        print(f"{name:<10} {count_parameters(build_model(name)):>10,} params  {spec.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifarcnn", description="Train, evaluate and serve "
+                                     "CNN classifiers on CIFAR-10.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    for name, helptext in (("evaluate", "test accuracy of saved weights"),
+                           ("predict", "classify image files")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--weights", default="paper-cnn",
+                       help="weights .safetensors, run directory, or shipped model name "
+                       "(default: paper-cnn)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluate = sub.choices["evaluate"]
+    evaluate.add_argument("--data", help="CIFAR-10 archive or folder")
+    evaluate.add_argument("--download", action="store_true")
+    predict = sub.choices["predict"]
+    predict.add_argument("images", nargs="+", metavar="IMG", help="image files, any size/mode")
+    predict.add_argument("--top", type=int, default=3, help="classes to show per image")
+    sub.add_parser("models", help="list the models")
+    return parser
+
+
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
+            "models": _cmd_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CifarError as e:
+        print(f"cifarcnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cifarcnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Training configuration: one dataclass, filled from flags, then the model's recipe.
+
+A field left as None means "the model's recipe decides" (see models/*.py),
+and where the recipe is silent too, `DEFAULTS` does. The resolved config is
+what lands in the run's config.json and the weights' metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import CifarError
+from .models import get_spec
+
+DEFAULTS: dict[str, Any] = {
+    "epochs": 25,
+    "batch_size": 256,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "onecycle",
+    "warmup_epochs": 1.0,
+    "label_smoothing": 0.0,
+}
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "paper-cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool | None = None  # None: on for conv nets (faster on CPU and CUDA)
+    augment: bool = True
+    data: str | None = None
+    download: bool = False
+    out: str | None = None
+    limit_train: int | None = None
+    holdout: int = 0
+    eval_batch_size: int = 1000
+    skip_bad_images: bool = False
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every None filled in and every choice checked."""
+        spec = get_spec(self.model)
+        c = dataclasses.replace(self, model_kwargs=dict(self.model_kwargs))
+        for k, v in DEFAULTS.items():
+            if getattr(c, k) is None:
+                setattr(c, k, spec.recipe.get(k, v))
+        c.device = resolve_device(c.device)
+        c.precision = resolve_precision(c.precision, c.device)
+        if c.channels_last is None:
+            c.channels_last = True
+        for name, value, choices in (("optimizer", c.optimizer, OPTIMIZERS),
+                                     ("schedule", c.schedule, SCHEDULES)):
+            if value not in choices:
+                raise CifarError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
+        if c.epochs < 1 or c.batch_size < 1:
+            raise CifarError("--epochs and --batch-size must be at least 1")
+        if c.lr <= 0:
+            raise CifarError(f"--lr {c.lr}: must be positive")
+        if c.holdout < 0 or (c.limit_train is not None and c.limit_train < 1):
+            raise CifarError("--holdout must be >= 0 and --limit-train >= 1")
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(name: str) -> str:
+    if name not in DEVICES:
+        raise CifarError(f"--device {name!r}: choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CifarError("--device cuda: no CUDA GPU is visible to this PyTorch; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None)
+                              and torch.backends.mps.is_available()):
+        raise CifarError("--device mps: Apple MPS is not available here; use --device cpu")
+    return name
+
+
+def cpu_has_bf16() -> bool:
+    """True where oneDNN runs bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(name: str, device: str) -> str:
+    """`auto` picks the fastest precision that keeps accuracy on the device."""
+    if name not in PRECISIONS:
+        raise CifarError(f"--precision {name!r}: choose one of {', '.join(PRECISIONS)}")
+    if name != "auto":
+        if name == "fp16" and device == "cpu":
+            raise CifarError("--precision fp16 is not supported for training on CPU; "
+                             "use bf16 or fp32")
+        return name
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"
+
+
+def amp_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

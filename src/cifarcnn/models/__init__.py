@@ -1,0 +1,54 @@
+"""Model registry: every model is one module, selected by name.
+
+Each entry pairs a constructor with the training recipe that suits it, so
+`cifarcnn train --model NAME` needs no other flag to train it well; any
+flag the user gives overrides the recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import CifarError
+from . import paper_cnn, paper_mlp
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[..., nn.Module]
+    summary: str
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "paper-cnn": ModelSpec("paper-cnn", paper_cnn.PaperCNN, paper_cnn.__doc__.splitlines()[0],
+                           paper_cnn.RECIPE),
+    "paper-mlp": ModelSpec("paper-mlp", paper_mlp.PaperMLP, paper_mlp.__doc__.splitlines()[0],
+                           paper_mlp.RECIPE),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise CifarError(
+            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}"
+        ) from None
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build model `name`; kwargs are its constructor arguments (widths...)."""
+    try:
+        return get_spec(name).build(**kwargs)
+    except TypeError as e:
+        raise CifarError(f"model {name}: bad model arguments {kwargs} ({e})") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
