@@ -100,7 +100,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"),
                          ("numpy._core.multiarray", "_reconstruct"),
-                         ("numpy", "ndarray"), ("numpy", "dtype")})
+                         ("numpy", "ndarray"), ("numpy", "dtype"),
+                         ("_codecs", "encode")})  # how Python 3 pickles bytes
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:

@@ -9,6 +9,7 @@ loop never waits on the host. Validation uses the same `evaluate_arrays` as
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -108,7 +109,7 @@ def write_json(path: Path, obj: Any) -> None:
 def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) -> dict[str, Any]:
     """Train one run as `cfg` says; returns the summary also written to summary.json."""
     cfg = cfg.resolved()
-    log = (lambda *a, **k: None) if quiet else print
+    log = (lambda *a, **k: None) if quiet else functools.partial(print, flush=True)
     device, precision = cfg.device, cfg.precision
     if data is None:
         data = load_cifar10(cfg.data, cfg.download, skip_bad_images=cfg.skip_bad_images,

@@ -1,0 +1,79 @@
+"""Builders for tiny data sets in the official CIFAR-10 formats and as image folders."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cifarcnn.datasets import CLASSES
+
+
+def _py_batch(x: np.ndarray, y: np.ndarray, label: str) -> bytes:
+    """One batch exactly as the official pickles hold it: CHW rows, bytes keys."""
+    d = {b"batch_label": label.encode(), b"labels": [int(v) for v in y],
+         b"data": x.transpose(0, 3, 1, 2).reshape(len(x), 3072).copy(),
+         b"filenames": [f"img_{i}.png".encode() for i in range(len(x))]}
+    return pickle.dumps(d, protocol=2)
+
+
+def _bin_batch(x: np.ndarray, y: np.ndarray) -> bytes:
+    rec = np.concatenate([y.astype(np.uint8)[:, None],
+                          x.transpose(0, 3, 1, 2).reshape(len(x), 3072)], axis=1)
+    return rec.tobytes()
+
+
+def make_split(n_per_batch: int = 20, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    batches = [(rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8),
+                rng.integers(0, 10, n_per_batch).astype(np.int64)) for _ in range(6)]
+    return batches[:5], batches[5]
+
+
+def _tar(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def python_archive(path: Path, train, test) -> Path:
+    files = {f"cifar-10-batches-py/data_batch_{i + 1}": _py_batch(x, y, f"batch {i + 1}")
+             for i, (x, y) in enumerate(train)}
+    files["cifar-10-batches-py/test_batch"] = _py_batch(*test, "test")
+    files["cifar-10-batches-py/batches.meta"] = pickle.dumps(
+        {b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3072}, protocol=2)
+    return _tar(path, files)
+
+
+def binary_archive(path: Path, train, test) -> Path:
+    files = {f"cifar-10-batches-bin/data_batch_{i + 1}.bin": _bin_batch(x, y)
+             for i, (x, y) in enumerate(train)}
+    files["cifar-10-batches-bin/test_batch.bin"] = _bin_batch(*test)
+    files["cifar-10-batches-bin/batches.meta.txt"] = "\n".join(CLASSES).encode() + b"\n"
+    return _tar(path, files)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_folder(root: Path, per_class: int = 2, classes=("cat", "dog", "frog"),
+                 seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                (d / f"{i:04d}.png").write_bytes(png_bytes(img))
+    return root

@@ -1,0 +1,100 @@
+"""The CLI as a user meets it: real subprocesses, one-line errors, no tracebacks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from formats import python_archive
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env_extra=None, cwd=None):
+    import os
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "cifarcnn", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_data(tmp_path):
+    r = run("train", "--out", str(tmp_path / "r"), env_extra={"CIFAR10_DATA": ""})
+    assert_one_line_error(r, "--data", "$CIFAR10_DATA", "--download")
+    r = run("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
+    assert_one_line_error(r, "nope", "no such file")
+
+
+def test_unknown_model(tmp_path):
+    r = run("train", "--model", "vgg99", "--out", str(tmp_path / "r"))
+    assert_one_line_error(r, "unknown model 'vgg99'")
+
+
+def test_missing_weights(tmp_path):
+    r = run("evaluate", "--weights", str(tmp_path / "none.safetensors"))
+    assert_one_line_error(r, "none.safetensors", "no such file")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not really")
+    r = run("predict", "--weights", str(bad), str(bad))
+    assert_one_line_error(r, "bad.safetensors", "not a safetensors")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-epoch run on a tiny archive in the official python format, through the CLI."""
+    from formats import make_split
+
+    tmp = tmp_path_factory.mktemp("cli")
+    arc = python_archive(tmp / "cifar-10-python.tar.gz", *make_split(40))
+    r = run("train", "--data", str(arc), "--epochs", "1", "--batch-size", "64",
+            "--out", str(tmp / "run"), env_extra={"CIFARCNN_HOME": str(tmp / "home")})
+    assert r.returncode == 0, r.stderr
+    return tmp, arc, r
+
+
+def test_train_prints_one_line_per_epoch(trained):
+    _, _, r = trained
+    assert "epoch   1/1" in r.stdout and "val loss" in r.stdout and "img/s" in r.stdout
+
+
+def test_evaluate_reproduces_training_accuracy(trained):
+    tmp, arc, _ = trained
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    r = run("evaluate", "--weights", str(tmp / "run"), "--data", str(arc), "--json",
+            env_extra={"CIFARCNN_HOME": str(tmp / "home")})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["correct"] == summary["val_correct"]
+
+
+def test_predict_any_image_and_unreadable_image(trained, tmp_path):
+    tmp, _, _ = trained
+    big = tmp_path / "photo.jpg"
+    Image.fromarray(np.full((300, 200, 3), 90, np.uint8)).save(big)
+    gray = tmp_path / "gray.png"
+    Image.new("L", (32, 32), 3).save(gray)
+    r = run("predict", "--weights", str(tmp / "run"), str(big), str(gray), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [o["file"] for o in out] == [str(big), str(gray)]
+    probs = [t["probability"] for t in out[0]["top"]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
+    r = run("predict", "--weights", str(tmp / "run"), str(gray), "--top", "10", "--json")
+    assert abs(sum(t["probability"] for t in json.loads(r.stdout)["top"]) - 1) < 1e-4
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    r = run("predict", "--weights", str(tmp / "run"), str(broken))
+    assert_one_line_error(r, "broken.png", "not a readable image")
+    r = run("predict", "--weights", str(tmp / "run"), str(tmp_path / "absent.png"))
+    assert_one_line_error(r, "absent.png")

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from cifarcnn.errors import CifarError
+from cifarcnn.models import MODELS, build_model, count_parameters
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_output_shape(name):
+    model = build_model(name).eval()
+    assert model(torch.randn(5, 3, 32, 32)).shape == (5, 10)
+
+
+def test_parameter_counts_match_the_documented_widths():
+    # paper-cnn 32/64/128 conv (3x3), fc 2048->512->256->10
+    conv = (3 * 9 * 32 + 32) + (32 * 9 * 64 + 64) + (64 * 9 * 128 + 128)
+    fc = (2048 * 512 + 512) + (512 * 256 + 256) + (256 * 10 + 10)
+    assert count_parameters(build_model("paper-cnn")) == conv + fc
+    mlp = (3072 * 1024 + 1024) + (1024 * 512 + 512) + (512 * 10 + 10)
+    assert count_parameters(build_model("paper-mlp")) == mlp
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_dropout_active_in_train_and_off_in_eval(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    x = torch.randn(8, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x)), "train mode: two passes should differ (dropout)"
+    model.eval()
+    assert torch.equal(model(x), model(x)), "eval mode: deterministic"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_kaiming_uniform_relu_gain(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            fan_in = mod.weight[0].numel()
+            bound = math.sqrt(2.0) * math.sqrt(3.0 / fan_in)
+            w = mod.weight.detach()
+            assert w.abs().max() <= bound + 1e-6
+            if w.numel() > 1000:  # uniform(-b, b) has std b/sqrt(3)
+                assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+            assert torch.count_nonzero(mod.bias) == 0
+
+
+def test_pool_before_relu_equals_paper_order():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16, 16)
+    a = torch.relu(torch.nn.functional.max_pool2d(x, 2))
+    b = torch.nn.functional.max_pool2d(torch.relu(x), 2)
+    assert torch.equal(a, b)
+
+
+def test_input_moved_to_model_device():
+    model = build_model("paper-cnn").eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float32)
+    assert model(x).device == next(model.parameters()).device
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(CifarError, match="unknown model 'resnet9000'.*paper-cnn"):
+        build_model("resnet9000")

@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import fake_images
+
+import cifarcnn
+from cifarcnn.config import TrainConfig
+from cifarcnn.datasets import CLASSES, CifarData
+from cifarcnn.errors import CifarError
+from cifarcnn.train import train
+
+
+def tiny_data(n_train=200, n_test=100) -> CifarData:
+    xtr, ytr = fake_images(n_train, seed=1)
+    xte, yte = fake_images(n_test, seed=2)
+    return CifarData(xtr, ytr, xte, yte, list(CLASSES), "fake")
+
+
+def test_run_directory_contents(tmp_path):
+    s = train(TrainConfig(model="paper-cnn", epochs=2, batch_size=64, out=str(tmp_path / "r")),
+              data=tiny_data(), quiet=True)
+    run = tmp_path / "r"
+    for f in ("weights.safetensors", "config.json", "metrics.jsonl", "summary.json"):
+        assert (run / f).is_file(), f
+    summary = json.loads((run / "summary.json").read_text())
+    for k in ("model", "epochs", "train_accuracy", "val_accuracy", "train_seconds",
+              "images_per_second", "device", "precision", "torch"):
+        assert k in summary, k
+    assert summary == s
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["epochs"] == 2 and cfg["precision"] in ("bf16", "fp32")
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    cfg = TrainConfig(epochs=1, batch_size=64, out=str(tmp_path / "r"))
+    train(cfg, data=tiny_data(), quiet=True)
+    before = (tmp_path / "r" / "weights.safetensors").read_bytes()
+    with pytest.raises(CifarError, match="already holds a run"):
+        train(cfg, data=tiny_data(), quiet=True)
+    assert (tmp_path / "r" / "weights.safetensors").read_bytes() == before
+
+
+def test_weights_round_trip_reproduces_accuracy_exactly(tmp_path):
+    data = tiny_data(300, 200)
+    s = train(TrainConfig(epochs=2, batch_size=64, out=str(tmp_path / "r")), data=data,
+              quiet=True)
+    clf = cifarcnn.load(tmp_path / "r" / "weights.safetensors")
+    r = clf.evaluate(data.test_images, data.test_labels)
+    assert r["correct"] == s["val_correct"]
+    assert clf.classes == list(CLASSES)
+    p = clf.predict(data.test_images[:5])
+    assert p.shape == (5, 10) and p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
+
+
+def test_holdout_reports_test_accuracy_separately(tmp_path):
+    s = train(TrainConfig(epochs=1, batch_size=64, holdout=50, out=str(tmp_path / "r")),
+              data=tiny_data(), quiet=True)
+    assert s["val_images"] == 50 and s["train_images"] == 150 and "test_accuracy" in s
+
+
+def test_same_seed_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        train(TrainConfig(epochs=1, batch_size=64, seed=3, out=str(tmp_path / name)),
+              data=tiny_data(), quiet=True)
+    a = load_file(tmp_path / "a" / "weights.safetensors")
+    b = load_file(tmp_path / "b" / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_one_epoch_on_real_subset_beats_chance(real_data, tmp_path):
+    s = train(TrainConfig(model="paper-cnn", epochs=1, limit_train=2000,
+                          out=str(tmp_path / "r")), data=real_data, quiet=True)
+    assert s["train_images"] == 2000
+    assert s["val_accuracy"] > 0.20, s  # chance is 10%
+
+
+@pytest.mark.slow
+def test_real_archive_has_the_official_split(real_data):
+    assert real_data.train_images.shape == (50000, 32, 32, 3)
+    assert real_data.test_images.shape == (10000, 32, 32, 3)
+    assert np.bincount(real_data.train_labels).tolist() == [5000] * 10
+    assert np.bincount(real_data.test_labels).tolist() == [1000] * 10
+    assert real_data.classes == list(CLASSES)
