@@ -53,7 +53,7 @@ def test_python_pickle_with_code_is_refused(tmp_path):
     bad = tmp_path / "evil"
     archives.safe_extract(arc, bad)
     (bad / "cifar-10-batches-py" / "test_batch").write_bytes(pickle_dumps(Evil()))
-    with pytest.raises(CifarError, match="refusing to load posix.system|refusing to load os"):
+    with pytest.raises(CifarError, match=r"refusing to load (posix|os)\.system"):
         read_source(bad / "cifar-10-batches-py")
 
 

@@ -63,5 +63,5 @@ def test_input_moved_to_model_device():
 
 
 def test_unknown_model_is_a_clear_error():
-    with pytest.raises(CifarError, match="unknown model 'resnet9000'.*paper-cnn"):
+    with pytest.raises(CifarError, match=r"unknown model 'resnet9000'.*paper-cnn"):
         build_model("resnet9000")
