@@ -14,10 +14,10 @@ def test_output_shape(name):
 
 
 def test_parameter_counts_match_the_documented_widths():
-    # paper-cnn 32/64/128 conv (3x3), fc 2048->512->256->10
-    conv = (3 * 9 * 32 + 32) + (32 * 9 * 64 + 64) + (64 * 9 * 128 + 128)
-    fc = (2048 * 512 + 512) + (512 * 256 + 256) + (256 * 10 + 10)
-    assert count_parameters(build_model("paper-cnn")) == conv + fc
+    # paper-cnn 16/32/64 conv (3x3), fc 1024->256->128->10
+    conv = (3 * 9 * 16 + 16) + (16 * 9 * 32 + 32) + (32 * 9 * 64 + 64)
+    fc = (1024 * 256 + 256) + (256 * 128 + 128) + (128 * 10 + 10)
+    assert count_parameters(build_model("paper-cnn")) == conv + fc == 320_170
     mlp = (3072 * 1024 + 1024) + (1024 * 512 + 512) + (512 * 10 + 10)
     assert count_parameters(build_model("paper-mlp")) == mlp
 

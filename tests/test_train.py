@@ -80,6 +80,9 @@ def test_one_epoch_on_real_subset_beats_chance(real_data, tmp_path):
                           out=str(tmp_path / "r")), data=real_data, quiet=True)
     assert s["train_images"] == 2000
     assert s["val_accuracy"] > 0.20, s  # chance is 10%
+    clf = cifarcnn.load(tmp_path / "r")
+    assert clf.evaluate(real_data.test_images, real_data.test_labels)["correct"] == \
+        s["val_correct"]
 
 
 @pytest.mark.slow
@@ -89,3 +92,22 @@ def test_real_archive_has_the_official_split(real_data):
     assert np.bincount(real_data.train_labels).tolist() == [5000] * 10
     assert np.bincount(real_data.test_labels).tolist() == [1000] * 10
     assert real_data.classes == list(CLASSES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["paper-cnn", "paper-mlp"])
+def test_shipped_weights_reach_their_recorded_accuracy(real_data, model):
+    from cifarcnn.weights import REPO_WEIGHTS
+
+    record = json.loads((REPO_WEIGHTS / f"{model}.json").read_text())
+    clf = cifarcnn.load(model)
+    probs = clf.predict(real_data.test_images)
+    correct = int((probs.argmax(1) == real_data.test_labels).sum())
+    assert correct == record["val_correct"], (correct, record["val_correct"])
+
+
+def test_bad_config_values_are_clear_errors():
+    for kwargs, needle in (({"optimizer": "lbfgs"}, "--optimizer"), ({"lr": -1.0}, "--lr"),
+                           ({"precision": "int4"}, "--precision"), ({"epochs": 0}, "--epochs")):
+        with pytest.raises(CifarError, match=needle):
+            TrainConfig(**kwargs).resolved()

@@ -4,7 +4,9 @@ Layer for layer as the paper describes it (Bojescu, "Convolutional Neural
 Network on CIFAR-10"): conv1..conv3 each followed by ReLU and MaxPool2d(2),
 flatten, fc1 -> ReLU -> dropout1 -> fc2 -> ReLU -> dropout2 -> fc3, with
 Kaiming-uniform (ReLU gain) initialisation. The paper gives no widths; ours
-are in `PaperCNN.__init__` and the README's model table.
+(16/32/64 conv, 256/128 fc, dropout 0.1) were chosen by measurement on a
+2-core CPU: 32/64/128 conv with 512/256 fc and dropout 0.5 reached the same
+~80% in 25 epochs at a third of the speed, because it underfits (see README).
 
 One liberty that changes no number: we apply max-pool *before* ReLU. The two
 commute exactly (ReLU is monotonic, so max(relu(a), relu(b)) ==
@@ -23,21 +25,21 @@ RECIPE = {
     "epochs": 25,
     "batch_size": 256,
     "optimizer": "sgd",
-    "lr": 0.05,
+    "lr": 0.08,
     "momentum": 0.9,
     "weight_decay": 5e-4,
     "schedule": "onecycle",
     "warmup_epochs": 2.0,
-    "label_smoothing": 0.1,
+    "label_smoothing": 0.0,
 }
 
 
 class PaperCNN(nn.Module):
     def __init__(
         self,
-        channels: tuple[int, int, int] = (32, 64, 128),
-        hidden: tuple[int, int] = (512, 256),
-        dropout: float = 0.5,
+        channels: tuple[int, int, int] = (16, 32, 64),
+        hidden: tuple[int, int] = (256, 128),
+        dropout: float = 0.1,
         num_classes: int = 10,
     ) -> None:
         super().__init__()
