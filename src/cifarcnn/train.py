@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import augment
+from . import augment, perf
 from .config import TrainConfig
 from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
@@ -109,6 +109,7 @@ def write_json(path: Path, obj: Any) -> None:
 def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) -> dict[str, Any]:
     """Train one run as `cfg` says; returns the summary also written to summary.json."""
     cfg = cfg.resolved()
+    perf.tune_allocator()
     log = (lambda *a, **k: None) if quiet else functools.partial(print, flush=True)
     device, precision = cfg.device, cfg.precision
     if data is None:
