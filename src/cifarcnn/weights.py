@@ -32,6 +32,7 @@ def save_weights(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
         save_file(state, str(tmp), metadata=header)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
