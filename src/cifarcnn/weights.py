@@ -89,6 +89,3 @@ def load_weights(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, 
         raise CifarError(f"{path}: tensors do not fit model {meta['model']} ({e})") from None
     return model.to(device).eval(), meta
 
-
-def to_torch_dtype(name: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
