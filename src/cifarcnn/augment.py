@@ -61,6 +61,26 @@ def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dx: torch.Tensor, dy: tor
     return padded.reshape(n * h * w, c).index_select(0, flat).view(len(idx), size, size, c)
 
 
+def view(images: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
+    """One test-time view of uint8 NHWC images: mirrored and/or moved `shift` pixels.
+
+    The translation moves content down-right (shift > 0) or up-left (< 0) by
+    |shift| pixels on both axes, filling the uncovered border by reflection,
+    so no view shows black bars the network never saw in training.
+    """
+    if shift:
+        h, w = images.shape[1:3]
+        rows = _reflect(torch.arange(h, device=images.device) - shift, h)
+        cols = _reflect(torch.arange(w, device=images.device) - shift, w)
+        images = images.index_select(1, rows).index_select(2, cols)
+    return images.flip(2) if flip else images
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    i = torch.where(i < 0, -i, i)
+    return torch.where(i >= n, 2 * (n - 1) - i, i)
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
               channels_last: bool = True) -> torch.Tensor:
     """uint8 NHWC -> float NCHW, (x/255 - mean) / std.

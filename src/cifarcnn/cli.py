@@ -31,6 +31,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--tta", choices=["none", "flip", "flip-shift"],
+                   help="test-time augmentation for validation and saved weights "
+                   "(paper-cnn: flip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -51,6 +54,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "is then reported once at the end")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images in image-folder data instead of stopping")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N steps (always at each epoch end)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint, with its saved "
+                   "config (--data may give the data's new location; other flags are ignored)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only: the same seed gives the same weights")
 
 
 def _parse_model_args(items: list[str]) -> dict:
@@ -68,16 +78,21 @@ def _parse_model_args(items: list[str]) -> dict:
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from .config import TrainConfig
-    from .train import train
+    from .train import resume, train
 
+    if a.resume:
+        resume(a.resume, data_path=a.data)
+        return 0
     cfg = TrainConfig(
         model=a.model, model_kwargs=_parse_model_args(a.model_arg), epochs=a.epochs,
         batch_size=a.batch_size, optimizer=a.optimizer,
         lr=a.lr, momentum=a.momentum, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
-        weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, seed=a.seed,
+        weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, tta=a.tta,
+        seed=a.seed,
         device=a.device, precision=a.precision, channels_last=a.channels_last,
         augment=a.augment, data=a.data, download=a.download, out=a.out,
-        limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images)
+        limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images,
+        checkpoint_every=a.checkpoint_every, deterministic=a.deterministic)
     train(cfg)
     return 0
 
@@ -88,7 +103,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .datasets import load_cifar10
     from .inference import evaluate_arrays, load
 
-    clf = load(a.weights, device=a.device)
+    clf = load(a.weights, device=a.device, tta=a.tta)
     data = load_cifar10(a.data, a.download, verbose=True)
     if data.classes != clf.classes:
         raise CifarError(f"{a.data or 'data'}: classes {data.classes} differ from the "
@@ -97,23 +112,27 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     r = evaluate_arrays(clf.model, torch.from_numpy(data.test_images),
                         torch.from_numpy(data.test_labels), device=clf.device,
                         precision=clf.precision, batch_size=clf.batch_size,
-                        channels_last=clf.channels_last)
+                        channels_last=clf.channels_last, tta=clf.tta)
     r["seconds"] = time.perf_counter() - t0
     r["weights"] = str(clf.path)
     if a.json:
         print(json.dumps(r))
     else:
-        print(f"{clf.path}: {clf.meta['model']} test accuracy {r['accuracy']:.2%} "
+        tta = (f" with {clf.tta} TTA ({r['accuracy_no_tta']:.2%} without)"
+               if clf.tta != "none" else "")
+        print(f"{clf.path}: {clf.meta['model']} test accuracy {r['accuracy']:.2%}{tta} "
               f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}, {r['seconds']:.1f}s")
-        if "val_accuracy" in clf.meta:
-            print(f"(recorded at training time: {clf.meta['val_accuracy']:.2%})")
+        recorded = {clf.meta.get("tta", "none"): clf.meta.get("val_accuracy"),
+                    "none": clf.meta.get("val_accuracy_no_tta", clf.meta.get("val_accuracy"))}
+        if recorded.get(clf.tta) is not None:
+            print(f"(recorded at training time: {recorded[clf.tta]:.2%})")
     return 0
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from .inference import load
 
-    clf = load(a.weights, device=a.device)
+    clf = load(a.weights, device=a.device, tta=a.tta)
     probs = clf.predict_files(a.images)
     k = min(a.top, len(clf.classes))
     results = []
@@ -152,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: paper-cnn)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default=None,
+                       help="test-time augmentation (default: the one recorded with the "
+                       "weights, from the model's recipe)")
+        p.add_argument("--no-tta", dest="tta", action="store_const", const="none",
+                       help="a single view per image")
     evaluate = sub.choices["evaluate"]
     evaluate.add_argument("--data", help="CIFAR-10 archive or folder")
     evaluate.add_argument("--download", action="store_true")
@@ -168,8 +192,13 @@ COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_pred
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .checkpoint import Interrupted
+
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(f"cifarcnn {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except CifarError as e:
         print(f"cifarcnn {args.command}: error: {e}", file=sys.stderr)
         return 2

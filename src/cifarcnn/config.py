@@ -26,11 +26,13 @@ DEFAULTS: dict[str, Any] = {
     "schedule": "onecycle",
     "warmup_epochs": 1.0,
     "label_smoothing": 0.0,
+    "tta": "none",
 }
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+TTA_MODES = ("none", "flip", "flip-shift")  # the views are defined in inference.TTA_VIEWS
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TrainConfig:
     schedule: str | None = None
     warmup_epochs: float | None = None
     label_smoothing: float | None = None
+    tta: str | None = None  # test-time augmentation for validation and for the saved weights
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -58,6 +61,8 @@ class TrainConfig:
     holdout: int = 0
     eval_batch_size: int = 1000
     skip_bad_images: bool = False
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    deterministic: bool = False  # deterministic kernels only (CUDA needs this for exact repeats)
 
     def resolved(self) -> TrainConfig:
         """A copy with every None filled in and every choice checked."""
@@ -71,13 +76,16 @@ class TrainConfig:
         if c.channels_last is None:
             c.channels_last = True
         for name, value, choices in (("optimizer", c.optimizer, OPTIMIZERS),
-                                     ("schedule", c.schedule, SCHEDULES)):
+                                     ("schedule", c.schedule, SCHEDULES),
+                                     ("tta", c.tta, TTA_MODES)):
             if value not in choices:
                 raise CifarError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
         if c.epochs < 1 or c.batch_size < 1:
             raise CifarError("--epochs and --batch-size must be at least 1")
         if c.lr <= 0:
             raise CifarError(f"--lr {c.lr}: must be positive")
+        if c.checkpoint_every < 0:
+            raise CifarError(f"--checkpoint-every {c.checkpoint_every}: must be >= 0")
         if c.holdout < 0 or (c.limit_train is not None and c.limit_train < 1):
             raise CifarError("--holdout must be >= 0 and --limit-train >= 1")
         return c

@@ -24,6 +24,28 @@ from .datasets import CLASSES, MEAN, STD, decode_image
 from .errors import CifarError
 from .weights import load_weights, resolve_weights_path
 
+# Test-time augmentation: weighted views (weight, flip, shift) whose logits are averaged.
+# "flip" is the mirror pair; "flip-shift" adds 1-pixel translations both ways, each at
+# half the weight of the untranslated pair, because a translated view loses a border row.
+TTA_VIEWS: dict[str, list[tuple[float, bool, int]]] = {
+    "none": [(1.0, False, 0)],
+    "flip": [(0.5, False, 0), (0.5, True, 0)],
+    "flip-shift": [(0.25, False, 0), (0.25, True, 0), (0.125, False, 1), (0.125, True, 1),
+                   (0.125, False, -1), (0.125, True, -1)],
+}
+
+
+def tta_mode(name: str | bool | None, default: str = "none") -> str:
+    """Normalise a TTA choice: None -> `default`, False -> "none", True -> `default`."""
+    if name is None or name is True:
+        return default
+    if name is False:
+        return "none"
+    if name not in TTA_VIEWS:
+        raise CifarError(f"test-time augmentation {name!r}: choose one of "
+                         f"{', '.join(TTA_VIEWS)}")
+    return name
+
 
 def autocast(device: str, precision: str):
     dtype = amp_dtype(precision)
@@ -33,41 +55,68 @@ def autocast(device: str, precision: str):
 
 
 @torch.inference_mode()
-def logits_of(model: nn.Module, images: torch.Tensor, *, device: str, precision: str,
-              batch_size: int = 1000, channels_last: bool = True) -> torch.Tensor:
-    """Logits (N, C) in fp32 for uint8 NHWC images, in batches."""
+def view_logits(model: nn.Module, images: torch.Tensor, *, device: str, precision: str,
+                batch_size: int = 1000, channels_last: bool = True,
+                tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """(TTA logits, plain single-view logits), each (N, C) fp32, for uint8 NHWC images.
+
+    The plain logits come free with any TTA (the first view is the image
+    itself), so training can report both accuracies for one forward pass each.
+    """
     mean = torch.tensor(MEAN, device=device)
     std = torch.tensor(STD, device=device)
-    out = []
+    views = TTA_VIEWS[tta]
+    out, plain = [], []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device, non_blocking=True)
-        x = augment.normalize(x, mean, std, channels_last)
-        with autocast(device, precision):
-            out.append(model(x).float())
+        xb = images[i:i + batch_size].to(device, non_blocking=True)
+        total = None
+        for weight, flip, shift in views:
+            x = augment.normalize(augment.view(xb, flip, shift), mean, std, channels_last)
+            with autocast(device, precision):
+                logits = model(x).float()
+            if not flip and not shift:
+                plain.append(logits)
+            total = logits * weight if total is None else total + logits * weight
+        out.append(total)
     if not out:
-        return torch.empty(0, 10, device=device)
-    return torch.cat(out)
+        empty = torch.empty(0, 10, device=device)
+        return empty, empty
+    return torch.cat(out), torch.cat(plain)
+
+
+def logits_of(model: nn.Module, images: torch.Tensor, *, device: str, precision: str,
+              batch_size: int = 1000, channels_last: bool = True,
+              tta: str = "none") -> torch.Tensor:
+    """Logits (N, C) in fp32 for uint8 NHWC images, in batches, averaged over TTA views."""
+    return view_logits(model, images, device=device, precision=precision,
+                       batch_size=batch_size, channels_last=channels_last, tta=tta)[0]
 
 
 def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     device: str, precision: str, batch_size: int = 1000,
-                    channels_last: bool = True) -> dict[str, float]:
-    """Loss and accuracy of `model` on a labelled split (model put in eval mode)."""
+                    channels_last: bool = True, tta: str = "none") -> dict[str, Any]:
+    """Loss and accuracy of `model` on a labelled split (model put in eval mode).
+
+    `accuracy`/`loss` use the TTA logits; `accuracy_no_tta` is the single view.
+    """
     was_training = model.training
     model.eval()
-    logits = logits_of(model, images, device=device, precision=precision,
-                       batch_size=batch_size, channels_last=channels_last)
+    logits, plain = view_logits(model, images, device=device, precision=precision,
+                                batch_size=batch_size, channels_last=channels_last, tta=tta)
     labels = labels.to(logits.device)
     model.train(was_training)
     correct = int((logits.argmax(1) == labels).sum())
-    return {"loss": float(F.cross_entropy(logits, labels)) if len(labels) else float("nan"),
-            "accuracy": correct / max(1, len(labels)), "correct": correct, "n": len(labels)}
+    n = len(labels)
+    return {"loss": float(F.cross_entropy(logits, labels)) if n else float("nan"),
+            "accuracy": correct / max(1, n), "correct": correct, "n": n, "tta": tta,
+            "accuracy_no_tta": int((plain.argmax(1) == labels).sum()) / max(1, n)}
 
 
 class Classifier:
     """A trained model ready for inference: `predict(uint8 NHWC images) -> probabilities`."""
 
-    def __init__(self, model: nn.Module, meta: dict[str, Any], device: str, path: Path) -> None:
+    def __init__(self, model: nn.Module, meta: dict[str, Any], device: str, path: Path,
+                 tta: str | bool | None = None) -> None:
         self.model = model
         self.meta = meta
         self.device = device
@@ -78,15 +127,23 @@ class Classifier:
             self.precision = "fp32"
         self.batch_size: int = int(meta.get("eval_batch_size", 1000))
         self.channels_last: bool = bool(meta.get("channels_last", True))
+        # The recipe's TTA (recorded in the weights) applies unless the caller turns it off.
+        self.tta: str = tta_mode(tta, default=tta_mode(meta.get("tta", "none")))
 
-    def logits(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def logits(self, images: np.ndarray | torch.Tensor,
+               tta: str | bool | None = None) -> torch.Tensor:
         x = _as_batch(images)
         return logits_of(self.model, x, device=self.device, precision=self.precision,
-                         batch_size=self.batch_size, channels_last=self.channels_last)
+                         batch_size=self.batch_size, channels_last=self.channels_last,
+                         tta=tta_mode(tta, self.tta))
 
-    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Class probabilities (N, C) as float32 numpy for uint8 images (N, 32, 32, 3)."""
-        return torch.softmax(self.logits(images), dim=1).cpu().numpy()
+    def predict(self, images: np.ndarray | torch.Tensor,
+                tta: str | bool | None = None) -> np.ndarray:
+        """Class probabilities (N, C) as float32 numpy for uint8 images (N, 32, 32, 3).
+
+        `tta`: None uses the classifier's setting, False a single view, or a mode name.
+        """
+        return torch.softmax(self.logits(images, tta), dim=1).cpu().numpy()
 
     def predict_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """Probabilities for image files of any size or mode (converted to 32x32 RGB)."""
@@ -99,11 +156,13 @@ class Classifier:
             batch.append(decode_image(data, str(p)))
         return self.predict(np.stack(batch))
 
-    def evaluate(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    def evaluate(self, images: np.ndarray, labels: np.ndarray,
+                 tta: str | bool | None = None) -> dict[str, Any]:
         return evaluate_arrays(self.model, torch.from_numpy(np.ascontiguousarray(images)),
                                torch.from_numpy(np.asarray(labels, dtype=np.int64)),
                                device=self.device, precision=self.precision,
-                               batch_size=self.batch_size, channels_last=self.channels_last)
+                               batch_size=self.batch_size, channels_last=self.channels_last,
+                               tta=tta_mode(tta, self.tta))
 
 
 def _as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -116,9 +175,14 @@ def _as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x
 
 
-def load(path: str | os.PathLike = "paper-cnn", device: str = "auto") -> Classifier:
-    """Load a classifier from a weights file, a run directory, or a shipped model name."""
+def load(path: str | os.PathLike = "paper-cnn", device: str = "auto",
+         tta: str | bool | None = None) -> Classifier:
+    """Load a classifier from a weights file, a run directory, or a shipped model name.
+
+    `tta`: None or True applies the test-time augmentation recorded with the
+    weights (the model's recipe), False turns it off, a mode name overrides it.
+    """
     dev = resolve_device(device)
     p = resolve_weights_path(path)
     model, meta = load_weights(p, device=dev)
-    return Classifier(model, meta, dev, p)
+    return Classifier(model, meta, dev, p, tta=tta)

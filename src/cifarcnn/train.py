@@ -9,11 +9,13 @@ loop never waits on the host. Validation uses the same `evaluate_arrays` as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import augment, perf
+from . import augment, checkpoint, perf
 from .config import TrainConfig
 from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
@@ -107,16 +109,57 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train one run as `cfg` says; returns the summary also written to summary.json."""
+    """Train one new run as `cfg` says; returns the summary also written to summary.json."""
     cfg = cfg.resolved()
-    perf.tune_allocator()
-    log = (lambda *a, **k: None) if quiet else functools.partial(print, flush=True)
-    device, precision = cfg.device, cfg.precision
     if data is None:
         data = load_cifar10(cfg.data, cfg.download, skip_bad_images=cfg.skip_bad_images,
                             verbose=not quiet)
     run = prepare_run_dir(cfg.out, cfg.model)
     cfg.out = str(run)
+    write_json(run / "config.json", cfg.to_dict())
+    return _run(cfg, run, data, None, quiet)
+
+
+def resume(run_dir: str | os.PathLike, data_path: str | None = None,
+           data: CifarData | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Continue the run in `run_dir` from its last checkpoint, with its saved config.
+
+    `data_path` replaces the recorded data location (the data may have moved);
+    everything else comes from the run, so the result equals an uninterrupted run.
+    """
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise CifarError(f"--resume {run}: not a run directory (no config.json); give the "
+                         "folder a `cifarcnn train` run wrote")
+    if (run / "summary.json").is_file():
+        summary = json.loads((run / "summary.json").read_text())
+        if not quiet:
+            print(f"{run}: already finished (val accuracy {summary['val_accuracy']:.2%}); "
+                  "nothing to do", flush=True)
+        return summary
+    ckpt = checkpoint.load(run / checkpoint.LAST) if (run / checkpoint.LAST).is_file() else None
+    saved = ckpt["config"] if ckpt else json.loads((run / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    if data_path:
+        cfg.data = data_path
+    cfg.out = str(run)
+    cfg = cfg.resolved()
+    if data is None:
+        data = load_cifar10(cfg.data, cfg.download, skip_bad_images=cfg.skip_bad_images,
+                            verbose=not quiet)
+    return _run(cfg, run, data, ckpt, quiet)
+
+
+def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | None,
+         quiet: bool) -> dict[str, Any]:
+    """The loop itself, from the start (`ckpt` None) or from a checkpoint."""
+    perf.tune_allocator()
+    log = (lambda *a, **k: None) if quiet else functools.partial(print, flush=True)
+    device, precision = cfg.device, cfg.precision
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     splits = split_data(data, cfg)
 
     torch.manual_seed(cfg.seed)
@@ -125,7 +168,6 @@ def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
-    write_json(run / "config.json", cfg.to_dict())
 
     x_train = torch.from_numpy(splits["train"][0]).to(device)
     y_train = torch.from_numpy(splits["train"][1]).to(device)
@@ -138,74 +180,129 @@ def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) 
     sched = make_schedule(opt, cfg, steps)
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
 
+    history: list[dict[str, Any]] = []
+    train_seconds, start_epoch, start_step, partial = 0.0, 0, 0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        history, train_seconds = ckpt["history"], ckpt["train_seconds"]
+        start_epoch, start_step, partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
+        checkpoint.set_rng_state(ckpt["rng"])
+    metrics_path = run / "metrics.jsonl"  # rewritten: rows after the checkpoint are redone
+    checkpoint.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
+
     params = count_parameters(model)
     log(f"{cfg.model}: {params:,} parameters | {n:,} train / {len(y_val):,} "
         f"{'holdout' if cfg.holdout else 'test'} images | {device} {precision}"
         f"{' channels_last' if cfg.channels_last else ''} | batch {bs} | {cfg.epochs} epochs"
         f" | run dir {run}")
+    if ckpt is not None:
+        log(f"resuming from {run / checkpoint.LAST}: epoch {start_epoch + 1}, step {start_step}")
 
-    metrics_path = run / "metrics.jsonl"
-    history: list[dict[str, Any]] = []
-    train_seconds = 0.0
+    def save_checkpoint(epoch: int, step: int, part: dict[str, Any] | None) -> None:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": checkpoint.rng_state(), "epoch": epoch, "step": step, "partial": part,
+                 "history": history, "train_seconds": train_seconds, "config": cfg.to_dict()}
+        checkpoint.save(run / checkpoint.LAST, state)
+        if step == 0 and history and history[-1]["val_accuracy"] >= max(
+                r["val_accuracy"] for r in history):
+            checkpoint.save(run / checkpoint.BEST, state)
+
+    every = cfg.checkpoint_every or 0
+    guard = FiniteGuard(device, first_step=start_epoch * steps + start_step)
     t_start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        model.train()
-        plan = augment.epoch_plan(n, cfg.seed, epoch, cfg.augment)
-        order, dx, dy, flip = (t.to(device) for t in (plan.order, plan.dx, plan.dy, plan.flip))
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        bar = tqdm(total=n, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", leave=False,
-                   disable=None if not quiet else True, file=sys.stderr, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        for s in range(steps):
-            sl = slice(s * bs, (s + 1) * bs)
-            idx = order[sl]
-            x = augment.crop_flip(padded, idx, dx[sl], dy[sl], flip[sl])
-            x = augment.normalize(x, mean, std, cfg.channels_last)
-            y = y_train[idx]
-            with autocast(device, precision):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            loss_sum += loss.detach().float() * len(idx)
-            correct += (logits.detach().argmax(1) == y).sum()
-            bar.update(len(idx))
-            if s % 20 == 0 and bar.disable is False:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
-        if device == "cuda":
-            torch.cuda.synchronize()
-        epoch_seconds = time.perf_counter() - t0
-        bar.close()
-        train_seconds += epoch_seconds
-        train_loss = float(loss_sum) / n
-        if not math.isfinite(train_loss):
-            raise CifarError(f"epoch {epoch + 1}: training loss is {train_loss}; lower --lr "
-                             "or use --precision fp32")
-        val = evaluate_arrays(model, x_val, y_val, device=device, precision=precision,
-                              batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last)
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": int(correct) / n,
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "seconds": epoch_seconds, "images_per_second": n / epoch_seconds,
-               "lr": sched.get_last_lr()[0]}
-        history.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc "
-            f"{row['train_accuracy']:.2%}  val loss {val['loss']:.4f} acc {val['accuracy']:.2%}  "
-            f"{epoch_seconds:5.1f}s  {row['images_per_second']:,.0f} img/s")
+    with checkpoint.StopSignals() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            plan = augment.epoch_plan(n, cfg.seed, epoch, cfg.augment)
+            order, dx, dy, flip = (t.to(device) for t in (plan.order, plan.dx, plan.dy, plan.flip))
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            epoch_seconds, first = 0.0, 0
+            if partial is not None and epoch == start_epoch:
+                first, epoch_seconds = start_step, partial["seconds"]
+                loss_sum += partial["loss_sum"]
+                correct += partial["correct"]
+            bar = tqdm(total=n, initial=min(n, first * bs), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="img", leave=False, disable=True if quiet else None,
+                       file=sys.stderr, dynamic_ncols=True)
+            t0 = time.perf_counter()
+            for s in range(first, steps):
+                sl = slice(s * bs, (s + 1) * bs)
+                idx = order[sl]
+                x = augment.crop_flip(padded, idx, dx[sl], dy[sl], flip[sl])
+                x = augment.normalize(x, mean, std, cfg.channels_last)
+                y = y_train[idx]
+                with autocast(device, precision):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                loss = loss.detach()
+                guard.record(loss)
+                loss_sum += loss.float() * len(idx)
+                correct += (logits.detach().argmax(1) == y).sum()
+                bar.update(len(idx))
+                if s % 20 == 0 and bar.disable is False:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
+                done = epoch * steps + s + 1
+                mid_save = (every and done % every == 0) or stop.signum is not None
+                if guard.full() or (mid_save and s + 1 < steps):
+                    guard.check(steps, run)
+                if mid_save and s + 1 < steps:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    epoch_seconds += time.perf_counter() - t0
+                    train_seconds += time.perf_counter() - t0
+                    save_checkpoint(epoch, s + 1, {"loss_sum": loss_sum, "correct": correct,
+                                                   "seconds": epoch_seconds})
+                    if stop.signum is not None:
+                        bar.close()
+                        raise _interrupted(stop.signum, run, epoch, s + 1)
+                    t0 = time.perf_counter()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            epoch_seconds += time.perf_counter() - t0
+            train_seconds += time.perf_counter() - t0
+            bar.close()
+            guard.check(steps, run)
+            train_loss = float(loss_sum) / n
+            val = evaluate_arrays(model, x_val, y_val, device=device, precision=precision,
+                                  batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
+                                  tta=cfg.tta)
+            row = {"epoch": epoch + 1, "train_loss": train_loss,
+                   "train_accuracy": int(correct) / n, "val_loss": val["loss"],
+                   "val_accuracy": val["accuracy"], "val_accuracy_no_tta": val["accuracy_no_tta"],
+                   "seconds": epoch_seconds, "images_per_second": n / epoch_seconds,
+                   "lr": sched.get_last_lr()[0]}
+            history.append(row)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            tta_note = f" ({val['accuracy_no_tta']:.2%} no TTA)" if cfg.tta != "none" else ""
+            log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc "
+                f"{row['train_accuracy']:.2%}  val loss {val['loss']:.4f} acc "
+                f"{val['accuracy']:.2%}{tta_note}  {epoch_seconds:5.1f}s  "
+                f"{row['images_per_second']:,.0f} img/s")
+            save_checkpoint(epoch + 1, 0, None)
+            if stop.signum is not None and epoch + 1 < cfg.epochs:
+                raise _interrupted(stop.signum, run, epoch + 1, 0)
 
     last = history[-1]
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
             "precision": precision, "channels_last": cfg.channels_last,
             "eval_batch_size": cfg.eval_batch_size, "epochs": cfg.epochs, "seed": cfg.seed,
-            "val_accuracy": last["val_accuracy"], "mean": MEAN, "std": STD}
+            "tta": cfg.tta, "val_accuracy": last["val_accuracy"],
+            "val_accuracy_no_tta": last["val_accuracy_no_tta"], "mean": MEAN, "std": STD}
     summary: dict[str, Any] = {
         "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
         "train_accuracy": last["train_accuracy"], "val_accuracy": last["val_accuracy"],
+        "val_accuracy_no_tta": last["val_accuracy_no_tta"], "tta": cfg.tta,
         "val_correct": round(last["val_accuracy"] * len(y_val)), "val_images": len(y_val),
         "best_val_accuracy": max(r["val_accuracy"] for r in history),
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
@@ -213,11 +310,13 @@ def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) 
         "parameters": params, "device": device, "precision": precision,
         "channels_last": cfg.channels_last, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "resumed": ckpt is not None,
     }
     if "test" in splits:
         x_test, y_test = (torch.from_numpy(a) for a in splits["test"])
         test = evaluate_arrays(model, x_test, y_test, device=device, precision=precision,
-                               batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last)
+                               batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
+                               tta=cfg.tta)
         summary["test_accuracy"] = test["accuracy"]
         meta["test_accuracy"] = test["accuracy"]
         log(f"test accuracy (images never used for training or model choice): "
@@ -227,3 +326,45 @@ def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) 
     log(f"done: val accuracy {last['val_accuracy']:.2%} | {train_seconds:.1f}s training | "
         f"{summary['images_per_second']:,.0f} img/s | weights {run / 'weights.safetensors'}")
     return summary
+
+
+def _interrupted(signum: int, run: Path, epoch: int, step: int) -> checkpoint.Interrupted:
+    name = signal.Signals(signum).name
+    return checkpoint.Interrupted(
+        signum, f"{name}: stopped at epoch {epoch + 1}, step {step}; checkpoint written to "
+        f"{run / checkpoint.LAST}. Continue with: cifarcnn train --resume {run}")
+
+
+class FiniteGuard:
+    """Spots a NaN/inf loss without a host sync per step.
+
+    Losses go into a small on-device window; every `size` steps (and before
+    any checkpoint) the window is read once. A bad loss stops the run naming
+    its exact step, before a poisoned state can overwrite the last good
+    checkpoint.
+    """
+
+    def __init__(self, device: str, first_step: int = 0, size: int = 50) -> None:
+        self.window = torch.zeros(size, device=device)
+        self.count = 0
+        self.first_step = first_step  # global step of window[0]
+
+    def record(self, loss: torch.Tensor) -> None:
+        self.window[self.count] = loss.float()
+        self.count += 1
+
+    def full(self) -> bool:
+        return self.count == len(self.window)
+
+    def check(self, steps: int, run: Path) -> None:
+        bad = (~torch.isfinite(self.window[:self.count])).nonzero()
+        if len(bad):
+            step = self.first_step + int(bad[0])
+            value = float(self.window[int(bad[0])])
+            kept = (f"the last good checkpoint {run / checkpoint.LAST} is kept"
+                    if (run / checkpoint.LAST).exists() else "no checkpoint had been written")
+            raise CifarError(f"training loss is {value} at step {step + 1} (epoch "
+                             f"{step // steps + 1}, batch {step % steps + 1}); stopped, {kept}. "
+                             "Lower --lr, or train in --precision fp32")
+        self.first_step += self.count
+        self.count = 0
