@@ -17,13 +17,13 @@ import pytest
 import torch
 from formats import make_split, python_archive
 from safetensors.torch import load_file
+from test_train import tiny_data
 
 from cifarcnn import checkpoint
 from cifarcnn import train as train_mod
 from cifarcnn.config import TrainConfig
 from cifarcnn.errors import CifarError
 from cifarcnn.train import resume, train
-from test_train import tiny_data
 
 # 2,000 training images in batches of 50: 120 steps over 3 epochs, long enough to kill
 # mid-epoch, short enough for a test. Threads are pinned so both runs do the same arithmetic.
@@ -59,7 +59,7 @@ def reference_run(archive, tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("home")
     run = tmp_path_factory.mktemp("ref") / "run"
     p = _cli([*TRAIN_ARGS, "--data", str(archive), "--out", str(run)], home)
-    out, err = p.communicate(timeout=300)
+    _out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     return run
 
@@ -98,7 +98,7 @@ def test_sigterm_checkpoints_and_exits_143_then_resumes_exactly(archive, referen
     p = _cli([*TRAIN_ARGS, "--data", str(archive), "--out", str(run)], tmp_path / "home")
     _wait_for_checkpoint(p, run)
     p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=120)
+    _out, err = p.communicate(timeout=120)
     assert p.returncode == 143, err
     last = err.strip().splitlines()[-1]  # the lines before it are the data loader's
     assert last.startswith("cifarcnn train: SIGTERM: stopped at epoch")
@@ -203,7 +203,7 @@ def test_read_only_folder_is_a_clear_error_and_keeps_the_file(tmp_path):
     checkpoint.write_atomic(target, b"old")
     tmp_path.chmod(0o555)
     try:
-        with pytest.raises(CifarError, match="Permission denied.*intact"):
+        with pytest.raises(CifarError, match=r"Permission denied.*intact"):
             checkpoint.write_atomic(target, b"new")
     finally:
         tmp_path.chmod(0o755)

@@ -12,15 +12,22 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import tarfile
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from .errors import CifarError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+# What a damaged archive makes tarfile/zipfile/zlib raise (found by tests/test_hostile.py's
+# fuzzing): a bad header, a bad CRC, a corrupt deflate stream, an unsupported or encrypted
+# member, a short read.
+READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError,
+               ValueError, struct.error, NotImplementedError, RuntimeError)
 
 
 def is_archive(path: Path) -> bool:
@@ -50,7 +57,7 @@ def iter_members(archive: Path) -> Iterator[tuple[str, bytes]]:
             yield from _iter_tar(archive)
     except CifarError:
         raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except READ_ERRORS as e:
         raise CifarError(f"{archive}: cannot read the archive ({e}); it may be truncated or "
                          "corrupt: download or copy it again") from None
 

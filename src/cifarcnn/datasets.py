@@ -124,6 +124,18 @@ def _read_py_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y
 
 
+def _read_py_meta(name: str, data: bytes) -> list[str]:
+    try:
+        meta = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+        names = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
+            AttributeError, IndexError) as e:
+        raise CifarError(f"{name}: not a CIFAR-10 batches.meta ({e})") from None
+    if not names or len(set(names)) != len(names):
+        raise CifarError(f"{name}: class names missing or repeated")
+    return names
+
+
 def _read_bin_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     if len(data) == 0 or len(data) % 3073:
         raise CifarError(f"{name}: {len(data)} bytes is not a whole number of 3,073-byte "
@@ -167,8 +179,8 @@ class _Collector:
     def __init__(self, source: Path, skip_bad_images: bool) -> None:
         self.source = source
         self.skip_bad = skip_bad_images
-        self.py: dict[str, bytes] = {}
-        self.bin: dict[str, bytes] = {}
+        self.py: dict[str, tuple[str, bytes]] = {}  # base name -> (full name, bytes)
+        self.bin: dict[str, tuple[str, bytes]] = {}
         self.keys: list[tuple[str, str, str]] = []  # (split, class, file name) per image
         self.pending: list[tuple[str, bytes]] = []
         self.decoded: list = []  # arrays lists, or futures of them, chunk by chunk
@@ -182,9 +194,9 @@ class _Collector:
         if base.startswith("."):
             return
         if base in (*PY_TRAIN, "test_batch", "batches.meta"):
-            self.py[base] = read()
+            self.py[base] = (self.prefix + name, read())
         elif base in (*BIN_TRAIN, "test_batch.bin", "batches.meta.txt"):
-            self.bin[base] = read()
+            self.bin[base] = (self.prefix + name, read())
         elif (base.lower().endswith(IMAGE_SUFFIXES) and len(parts) >= 3
               and parts[-3] in ("train", "test")):
             self.keys.append((parts[-3], parts[-2], base))
@@ -217,21 +229,22 @@ class _Collector:
     def result(self) -> CifarData:
         src = str(self.source)
         if all(k in self.py for k in (*PY_TRAIN, "test_batch")):
-            tr = [_read_py_batch(self.py[k], k) for k in PY_TRAIN]
-            te = _read_py_batch(self.py["test_batch"], "test_batch")
+            tr = [_read_py_batch(self.py[k][1], self.py[k][0]) for k in PY_TRAIN]
+            te = _read_py_batch(self.py["test_batch"][1], self.py["test_batch"][0])
             classes = list(CLASSES)
             if "batches.meta" in self.py:
-                meta = _NumpyOnlyUnpickler(io.BytesIO(self.py["batches.meta"]),
-                                           encoding="bytes").load()
-                classes = [c.decode() if isinstance(c, bytes) else str(c)
-                           for c in meta[b"label_names"]]
+                classes = _read_py_meta(*self.py["batches.meta"])
             return self._finish(tr, te, classes, src)
         if all(k in self.bin for k in (*BIN_TRAIN, "test_batch.bin")):
-            tr = [_read_bin_batch(self.bin[k], k) for k in BIN_TRAIN]
-            te = _read_bin_batch(self.bin["test_batch.bin"], "test_batch.bin")
+            tr = [_read_bin_batch(self.bin[k][1], self.bin[k][0]) for k in BIN_TRAIN]
+            te = _read_bin_batch(self.bin["test_batch.bin"][1], self.bin["test_batch.bin"][0])
             classes = list(CLASSES)
             if "batches.meta.txt" in self.bin:
-                classes = [c for c in self.bin["batches.meta.txt"].decode().split() if c]
+                name, raw = self.bin["batches.meta.txt"]
+                try:
+                    classes = [c for c in raw.decode().split() if c]
+                except UnicodeDecodeError:
+                    raise CifarError(f"{name}: class names are not UTF-8 text") from None
             return self._finish(tr, te, classes, src)
         if self.keys:
             return self._images(src)

@@ -1,0 +1,158 @@
+"""Hostile inputs: bombs, fake images, and fuzzed archives and images.
+
+Every failure must be the project's own CifarError (one clear line), never a
+stray exception from PIL, tarfile, zipfile or pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from formats import image_folder, make_split, png_bytes, python_archive
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cifarcnn.cli import main
+from cifarcnn.datasets import MAX_PIXELS, decode_image, read_source
+from cifarcnn.errors import CifarError
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels with almost no data: a decompression bomb."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_by_name(tmp_path):
+    side = int(MAX_PIXELS ** 0.5) + 1000
+    with pytest.raises(CifarError, match=r"bomb\.png: .*decompression bomb"):
+        decode_image(_png_header_only(side, side), "bomb.png")
+    root = image_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / "bomb.png").write_bytes(_png_header_only(side, side))
+    with pytest.raises(CifarError, match=r"train/cat/bomb\.png"):
+        read_source(root)
+    assert read_source(root, skip_bad_images=True).skipped == 1
+
+
+def test_non_image_with_image_extension_is_named(tmp_path, capsys):
+    root = image_folder(tmp_path / "imgs")
+    (root / "test" / "frog" / "notes.jpg").write_text("this is a text file, not a JPEG\n")
+    with pytest.raises(CifarError, match=r"test/frog/notes\.jpg: not a readable image"):
+        read_source(root)
+    d = read_source(root, skip_bad_images=True)
+    assert d.skipped == 1 and len(d.test_labels) == 6
+
+
+def test_cli_bad_image_data_is_one_line_and_nothing_written(tmp_path, capsys):
+    root = image_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(root), "--out", str(out), "--epochs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "broken.png" in err[0]
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+def _valid_png() -> bytes:
+    return png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def _valid_jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = np.random.default_rng(1).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    Image.fromarray(img).save(buf, format="JPEG", quality=75)
+    return buf.getvalue()
+
+
+SEEDS = {"png": _valid_png(), "jpeg": _valid_jpeg()}
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    b = bytearray(data)
+    for pos, value in edits:
+        b[pos % len(b)] = value
+    return bytes(b[:cut] if cut is not None else b)
+
+
+edits = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=8)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(sorted(SEEDS)), edits=edits,
+       cut=st.one_of(st.none(), st.integers(0, 2000)))
+def test_fuzz_decode_image_mutated(kind, edits, cut):
+    data = _mutate(SEEDS[kind], edits, cut)
+    try:
+        img = decode_image(data, f"fuzz.{kind}")
+    except CifarError as e:
+        assert "fuzz." in str(e)
+    else:
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=600))
+def test_fuzz_decode_image_random_bytes(data):
+    with contextlib.suppress(CifarError):
+        decode_image(data, "random.png")
+
+
+def _archive_seeds(root: Path) -> dict[str, bytes]:
+    train, test = make_split(n_per_batch=2, seed=0)
+    seeds = {"py.tar.gz": python_archive(root / "a.tar.gz", train, test).read_bytes()}
+    folder = image_folder(root / "imgs", per_class=1, classes=("cat", "dog"))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in sorted(folder.rglob("*.png")):
+            zf.write(p, p.relative_to(folder.parent).as_posix())
+    seeds["imgs.zip"] = buf.getvalue()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(folder, arcname="imgs")
+    seeds["imgs.tar"] = buf.getvalue()
+    return seeds
+
+
+@pytest.fixture(scope="module")
+def archive_seeds(tmp_path_factory) -> dict[str, bytes]:
+    return _archive_seeds(tmp_path_factory.mktemp("seeds"))
+
+
+def test_fuzz_archives_mutated(archive_seeds, tmp_path_factory):
+    """A few thousand mutated and truncated archives: each reads, or fails with CifarError."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    counts = {"ok": 0, "refused": 0}
+
+    @settings(max_examples=1500, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(kind=st.sampled_from(sorted(archive_seeds)), edits=edits,
+           cut=st.one_of(st.none(), st.integers(0, 4000)))
+    def check(kind, edits, cut):
+        path = folder / f"data.{kind.split('.', 1)[1]}"
+        path.write_bytes(_mutate(archive_seeds[kind], edits, cut))
+        try:
+            read_source(path)
+        except CifarError as e:
+            assert str(path) in str(e)  # the message says which file (and member) it is
+            counts["refused"] += 1
+        else:
+            counts["ok"] += 1
+
+    check()
+    assert counts["refused"] > 100  # the fuzzer really produced broken archives
