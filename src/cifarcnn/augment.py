@@ -82,13 +82,15 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-              channels_last: bool = True) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW, (x/255 - mean) / std.
+              channels_last: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NHWC -> NCHW in `dtype`, (x/255 - mean) / std.
 
     Permuting NHWC to NCHW gives channels_last strides for free; with
-    channels_last off we pay for one copy to the classic layout.
+    channels_last off we pay for one copy to the classic layout. Under bf16
+    autocast the first layer would cast its input to bf16 anyway, so the
+    caller asks for bf16 here and saves a full-size fp32 pass.
     """
-    x = images.float()
+    x = images.to(dtype)
     x.sub_(mean * 255.0).div_(std * 255.0)  # in place: one fresh buffer, not three
     x = x.permute(0, 3, 1, 2)
     return x if channels_last else x.contiguous()

@@ -61,6 +61,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "config (--data may give the data's new location; other flags are ignored)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only: the same seed gives the same weights")
+    p.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="data-parallel on this machine: re-run this command under "
+                   "`torchrun --standalone --nproc_per_node N` (--batch-size is per process)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under DDP, BatchNorm statistics over the global batch")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                   help="under DDP, seconds a rank waits for the others before the job fails")
 
 
 def _parse_model_args(items: list[str]) -> dict:
@@ -77,12 +84,47 @@ def _parse_model_args(items: list[str]) -> dict:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .config import TrainConfig
     from .train import resume, train
 
-    if a.resume:
-        resume(a.resume, data_path=a.data)
-        return 0
+    if a.nproc:
+        return _relaunch_under_torchrun(a.nproc, a.argv)
+    try:
+        if a.resume:
+            resume(a.resume, data_path=a.data)
+            return 0
+        return _train_from_flags(a, train)
+    finally:
+        from .distributed import teardown
+
+        teardown()
+
+
+def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    """`cifarcnn train --nproc N ...` = torchrun on this node with the same flags."""
+    import os
+    import subprocess
+
+    if nproc < 1:
+        raise CifarError(f"--nproc {nproc}: must be at least 1")
+    if "RANK" in os.environ:
+        raise CifarError("--nproc inside torchrun: give one or the other")
+    rest: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "cifarcnn", *rest]
+    return subprocess.call(cmd)
+
+
+def _train_from_flags(a: argparse.Namespace, train) -> int:
+    from .config import TrainConfig
+
     cfg = TrainConfig(
         model=a.model, model_kwargs=_parse_model_args(a.model_arg), epochs=a.epochs,
         batch_size=a.batch_size, optimizer=a.optimizer,
@@ -92,7 +134,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         device=a.device, precision=a.precision, channels_last=a.channels_last,
         augment=a.augment, data=a.data, download=a.download, out=a.out,
         limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images,
-        checkpoint_every=a.checkpoint_every, deterministic=a.deterministic)
+        checkpoint_every=a.checkpoint_every, deterministic=a.deterministic, sync_bn=a.sync_bn,
+        dist_timeout=a.dist_timeout)
     train(cfg)
     return 0
 
@@ -191,7 +234,9 @@ COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_pred
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from .checkpoint import Interrupted
 
     try:

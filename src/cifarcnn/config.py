@@ -62,6 +62,8 @@ class TrainConfig:
     eval_batch_size: int = 1000
     skip_bad_images: bool = False
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch
+    dist_timeout: float = 300.0  # seconds any collective may wait before the job fails
     deterministic: bool = False  # deterministic kernels only (CUDA needs this for exact repeats)
 
     def resolved(self) -> TrainConfig:

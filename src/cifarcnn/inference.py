@@ -21,6 +21,7 @@ from torch import nn
 from . import augment
 from .config import amp_dtype, resolve_device
 from .datasets import CLASSES, MEAN, STD, decode_image
+from .distributed import World, all_reduce_sum
 from .errors import CifarError
 from .weights import load_weights, resolve_weights_path
 
@@ -54,24 +55,33 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
+def input_dtype(precision: str) -> torch.dtype:
+    """The dtype images are normalised to: what the first layer computes in anyway."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 @torch.inference_mode()
 def view_logits(model: nn.Module, images: torch.Tensor, *, device: str, precision: str,
-                batch_size: int = 1000, channels_last: bool = True,
-                tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+                batch_size: int = 1000, channels_last: bool = True, tta: str = "none",
+                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """(TTA logits, plain single-view logits), each (N, C) fp32, for uint8 NHWC images.
 
     The plain logits come free with any TTA (the first view is the image
     itself), so training can report both accuracies for one forward pass each.
+    `shard=(rank, world)` keeps every world-th batch: under DDP each rank
+    evaluates whole batches, exactly the ones a single process would form.
     """
     mean = torch.tensor(MEAN, device=device)
     std = torch.tensor(STD, device=device)
     views = TTA_VIEWS[tta]
     out, plain = [], []
-    for i in range(0, len(images), batch_size):
+    rank, world = shard
+    for i in range(rank * batch_size, len(images), batch_size * world):
         xb = images[i:i + batch_size].to(device, non_blocking=True)
         total = None
         for weight, flip, shift in views:
-            x = augment.normalize(augment.view(xb, flip, shift), mean, std, channels_last)
+            x = augment.normalize(augment.view(xb, flip, shift), mean, std, channels_last,
+                                  input_dtype(precision))
             with autocast(device, precision):
                 logits = model(x).float()
             if not flip and not shift:
@@ -94,22 +104,32 @@ def logits_of(model: nn.Module, images: torch.Tensor, *, device: str, precision:
 
 def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     device: str, precision: str, batch_size: int = 1000,
-                    channels_last: bool = True, tta: str = "none") -> dict[str, Any]:
+                    channels_last: bool = True, tta: str = "none",
+                    world: World | None = None) -> dict[str, Any]:
     """Loss and accuracy of `model` on a labelled split (model put in eval mode).
 
     `accuracy`/`loss` use the TTA logits; `accuracy_no_tta` is the single view.
+    Under DDP (`world`) the ranks split the batches and sum their counts, so
+    every rank reports what a single process reports for the same weights.
     """
+    world = world or World()
     was_training = model.training
     model.eval()
     logits, plain = view_logits(model, images, device=device, precision=precision,
-                                batch_size=batch_size, channels_last=channels_last, tta=tta)
-    labels = labels.to(logits.device)
+                                batch_size=batch_size, channels_last=channels_last, tta=tta,
+                                shard=(world.rank, world.size))
     model.train(was_training)
-    correct = int((logits.argmax(1) == labels).sum())
+    mine = torch.cat([labels[i:i + batch_size] for i in range(
+        world.rank * batch_size, len(labels), batch_size * world.size)] or [labels[:0]])
+    mine = mine.to(logits.device)
+    sums = torch.stack([F.cross_entropy(logits, mine, reduction="sum").double(),
+                        (logits.argmax(1) == mine).sum().double(),
+                        (plain.argmax(1) == mine).sum().double()])
+    loss_sum, correct, correct_plain = all_reduce_sum(sums, world).tolist()
     n = len(labels)
-    return {"loss": float(F.cross_entropy(logits, labels)) if n else float("nan"),
-            "accuracy": correct / max(1, n), "correct": correct, "n": n, "tta": tta,
-            "accuracy_no_tta": int((plain.argmax(1) == labels).sum()) / max(1, n)}
+    return {"loss": loss_sum / n if n else float("nan"), "accuracy": correct / max(1, n),
+            "correct": int(correct), "n": n, "tta": tta,
+            "accuracy_no_tta": correct_plain / max(1, n)}
 
 
 class Classifier:

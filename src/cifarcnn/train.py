@@ -23,15 +23,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import augment, checkpoint, perf
+from . import augment, checkpoint, distributed, perf
 from .config import TrainConfig
 from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
-from .inference import autocast, evaluate_arrays
+from .inference import autocast, evaluate_arrays, input_dtype
 from .models import build_model, count_parameters
 from .weights import save_weights
 
@@ -44,9 +45,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel for all parameters instead of a few ops per tensor (CPU and CUDA)
+    fused = True if next(model.parameters()).device.type in ("cpu", "cuda") else None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.momentum > 0, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), fused=fused)
 
 
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
@@ -109,15 +113,41 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train one new run as `cfg` says; returns the summary also written to summary.json."""
+    """Train one new run as `cfg` says; returns the summary also written to summary.json.
+
+    Under torchrun every rank calls this; rank 0 alone creates the run directory.
+    """
     cfg = cfg.resolved()
-    if data is None:
-        data = load_cifar10(cfg.data, cfg.download, skip_bad_images=cfg.skip_bad_images,
-                            verbose=not quiet)
-    run = prepare_run_dir(cfg.out, cfg.model)
-    cfg.out = str(run)
-    write_json(run / "config.json", cfg.to_dict())
-    return _run(cfg, run, data, None, quiet)
+    world = distributed.setup(cfg.device, cfg.dist_timeout)
+    quiet = quiet or not world.main
+    data = _load_data(cfg, data, quiet, world)
+    run: Path | str | None = None
+    if world.main:
+        try:
+            run = prepare_run_dir(cfg.out, cfg.model)
+            cfg.out = str(run)
+            write_json(run / "config.json", cfg.to_dict())
+        except CifarError as e:
+            run = f"error: {e}"
+    run = distributed.broadcast_object(str(run), world)
+    if run.startswith("error: "):
+        raise CifarError(run[len("error: "):])
+    cfg.out = run
+    return _run(cfg, Path(run), data, None, quiet, world)
+
+
+def _load_data(cfg: TrainConfig, data: CifarData | None, quiet: bool,
+               world: distributed.World) -> CifarData:
+    """Rank 0 decodes (and caches) first; the other ranks then read its cache."""
+    if data is not None:
+        return data
+    if not world.main:
+        distributed.barrier(world)
+    data = load_cifar10(cfg.data, cfg.download, skip_bad_images=cfg.skip_bad_images,
+                        verbose=not quiet)
+    if world.main:
+        distributed.barrier(world)
+    return data
 
 
 def resume(run_dir: str | os.PathLike, data_path: str | None = None,
@@ -145,14 +175,18 @@ def resume(run_dir: str | os.PathLike, data_path: str | None = None,
         cfg.data = data_path
     cfg.out = str(run)
     cfg = cfg.resolved()
-    if data is None:
-        data = load_cifar10(cfg.data, cfg.download, skip_bad_images=cfg.skip_bad_images,
-                            verbose=not quiet)
-    return _run(cfg, run, data, ckpt, quiet)
+    world = distributed.setup(cfg.device, cfg.dist_timeout)
+    quiet = quiet or not world.main
+    if ckpt is not None and ckpt.get("world_size", 1) != world.size:
+        raise CifarError(f"--resume {run}: the run was checkpointed with "
+                         f"{ckpt.get('world_size', 1)} process(es), this job has {world.size}; "
+                         "resume with the same number of processes")
+    data = _load_data(cfg, data, quiet, world)
+    return _run(cfg, run, data, ckpt, quiet, world)
 
 
 def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | None,
-         quiet: bool) -> dict[str, Any]:
+         quiet: bool, world: distributed.World) -> dict[str, Any]:
     """The loop itself, from the start (`ckpt` None) or from a checkpoint."""
     perf.tune_allocator()
     log = (lambda *a, **k: None) if quiet else functools.partial(print, flush=True)
@@ -167,6 +201,16 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     model = build_model(cfg.model, **cfg.model_kwargs).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net: nn.Module = model  # what the step calls: the model, or its DDP wrapper
+    if world.size > 1:
+        # Same initial weights everywhere (DDP also broadcasts rank 0's), but each rank
+        # its own dropout stream; rank 0 keeps the single-process stream.
+        if world.rank:
+            torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
+        if cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[world.local_rank] if device == "cuda" else None)
     opt = make_optimizer(model, cfg)
 
     x_train = torch.from_numpy(splits["train"][0]).to(device)
@@ -176,9 +220,11 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     mean = torch.tensor(MEAN, device=device)
     std = torch.tensor(STD, device=device)
     n, bs = len(y_train), cfg.batch_size
-    steps = math.ceil(n / bs)
+    steps = distributed.global_steps(n, bs, world)
+    global_bs = bs * world.size
     sched = make_schedule(opt, cfg, steps)
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+    in_dtype = input_dtype(precision)
 
     history: list[dict[str, Any]] = []
     train_seconds, start_epoch, start_step, partial = 0.0, 0, 0, None
@@ -189,23 +235,35 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         scaler.load_state_dict(ckpt["scaler"])
         history, train_seconds = ckpt["history"], ckpt["train_seconds"]
         start_epoch, start_step, partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
-        checkpoint.set_rng_state(ckpt["rng"])
+        checkpoint.set_rng_state(ckpt["rng_ranks"][world.rank])
+        if partial is not None:
+            partial = partial["ranks"][world.rank]
     metrics_path = run / "metrics.jsonl"  # rewritten: rows after the checkpoint are redone
-    checkpoint.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
+    if world.main:
+        checkpoint.write_atomic(metrics_path,
+                                "".join(json.dumps(r) + "\n" for r in history).encode())
 
     params = count_parameters(model)
     log(f"{cfg.model}: {params:,} parameters | {n:,} train / {len(y_val):,} "
         f"{'holdout' if cfg.holdout else 'test'} images | {device} {precision}"
-        f"{' channels_last' if cfg.channels_last else ''} | batch {bs} | {cfg.epochs} epochs"
+        f"{' channels_last' if cfg.channels_last else ''} | batch {bs}"
+        f"{f' x {world.size} processes' if world.size > 1 else ''} | {cfg.epochs} epochs"
         f" | run dir {run}")
     if ckpt is not None:
         log(f"resuming from {run / checkpoint.LAST}: epoch {start_epoch + 1}, step {start_step}")
 
     def save_checkpoint(epoch: int, step: int, part: dict[str, Any] | None) -> None:
+        """Every rank calls this (it gathers their RNG states); rank 0 alone writes."""
+        rngs = distributed.gather_objects(checkpoint.rng_state(), world)
+        parts = distributed.gather_objects(part, world) if part is not None else None
+        if not world.main:
+            return
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": checkpoint.rng_state(), "epoch": epoch, "step": step, "partial": part,
-                 "history": history, "train_seconds": train_seconds, "config": cfg.to_dict()}
+                 "rng_ranks": rngs, "epoch": epoch, "step": step,
+                 "partial": None if parts is None else {"ranks": parts},
+                 "history": history, "train_seconds": train_seconds, "config": cfg.to_dict(),
+                 "world_size": world.size}
         checkpoint.save(run / checkpoint.LAST, state)
         if step == 0 and history and history[-1]["val_accuracy"] >= max(
                 r["val_accuracy"] for r in history):
@@ -221,23 +279,25 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             order, dx, dy, flip = (t.to(device) for t in (plan.order, plan.dx, plan.dy, plan.flip))
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = torch.zeros((), device=device, dtype=torch.long)
             epoch_seconds, first = 0.0, 0
             if partial is not None and epoch == start_epoch:
                 first, epoch_seconds = start_step, partial["seconds"]
                 loss_sum += partial["loss_sum"]
                 correct += partial["correct"]
-            bar = tqdm(total=n, initial=min(n, first * bs), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="img", leave=False, disable=True if quiet else None,
-                       file=sys.stderr, dynamic_ncols=True)
+                seen += partial["seen"]
+            bar = tqdm(total=n, initial=min(n, first * global_bs),
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", leave=False,
+                       disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
             t0 = time.perf_counter()
             for s in range(first, steps):
-                sl = slice(s * bs, (s + 1) * bs)
+                sl = distributed.shard(s * global_bs, min(n, (s + 1) * global_bs), world)
                 idx = order[sl]
                 x = augment.crop_flip(padded, idx, dx[sl], dy[sl], flip[sl])
-                x = augment.normalize(x, mean, std, cfg.channels_last)
+                x = augment.normalize(x, mean, std, cfg.channels_last, in_dtype)
                 y = y_train[idx]
                 with autocast(device, precision):
-                    logits = model(x)
+                    logits = net(x)
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -248,11 +308,13 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                 guard.record(loss)
                 loss_sum += loss.float() * len(idx)
                 correct += (logits.detach().argmax(1) == y).sum()
-                bar.update(len(idx))
+                seen += len(idx)
+                bar.update(min(n, (s + 1) * global_bs) - s * global_bs)
                 if s % 20 == 0 and bar.disable is False:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
                 done = epoch * steps + s + 1
-                mid_save = (every and done % every == 0) or stop.signum is not None
+                signum = _agreed_signal(stop.signum, world, device)
+                mid_save = (every and done % every == 0) or signum is not None
                 if guard.full() or (mid_save and s + 1 < steps):
                     guard.check(steps, run)
                 if mid_save and s + 1 < steps:
@@ -261,10 +323,10 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                     epoch_seconds += time.perf_counter() - t0
                     train_seconds += time.perf_counter() - t0
                     save_checkpoint(epoch, s + 1, {"loss_sum": loss_sum, "correct": correct,
-                                                   "seconds": epoch_seconds})
-                    if stop.signum is not None:
+                                                   "seen": seen, "seconds": epoch_seconds})
+                    if signum is not None:
                         bar.close()
-                        raise _interrupted(stop.signum, run, epoch, s + 1)
+                        raise _interrupted(signum, run, epoch, s + 1)
                     t0 = time.perf_counter()
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -272,26 +334,30 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             train_seconds += time.perf_counter() - t0
             bar.close()
             guard.check(steps, run)
-            train_loss = float(loss_sum) / n
+            totals = distributed.all_reduce_sum(
+                torch.stack([loss_sum.double(), correct.double(), seen.double()]), world)
+            train_loss, n_seen = float(totals[0] / totals[2]), int(totals[2])
             val = evaluate_arrays(model, x_val, y_val, device=device, precision=precision,
                                   batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
-                                  tta=cfg.tta)
+                                  tta=cfg.tta, world=world)
             row = {"epoch": epoch + 1, "train_loss": train_loss,
-                   "train_accuracy": int(correct) / n, "val_loss": val["loss"],
+                   "train_accuracy": float(totals[1] / totals[2]), "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "val_accuracy_no_tta": val["accuracy_no_tta"],
-                   "seconds": epoch_seconds, "images_per_second": n / epoch_seconds,
+                   "seconds": epoch_seconds, "images_per_second": n_seen / epoch_seconds,
                    "lr": sched.get_last_lr()[0]}
             history.append(row)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if world.main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             tta_note = f" ({val['accuracy_no_tta']:.2%} no TTA)" if cfg.tta != "none" else ""
             log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc "
                 f"{row['train_accuracy']:.2%}  val loss {val['loss']:.4f} acc "
                 f"{val['accuracy']:.2%}{tta_note}  {epoch_seconds:5.1f}s  "
                 f"{row['images_per_second']:,.0f} img/s")
             save_checkpoint(epoch + 1, 0, None)
-            if stop.signum is not None and epoch + 1 < cfg.epochs:
-                raise _interrupted(stop.signum, run, epoch + 1, 0)
+            signum = _agreed_signal(stop.signum, world, device)
+            if signum is not None and epoch + 1 < cfg.epochs:
+                raise _interrupted(signum, run, epoch + 1, 0)
 
     last = history[-1]
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
@@ -307,6 +373,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         "best_val_accuracy": max(r["val_accuracy"] for r in history),
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
         "images_per_second": n * cfg.epochs / train_seconds, "train_images": n,
+        "processes": world.size, "global_batch_size": global_bs,
         "parameters": params, "device": device, "precision": precision,
         "channels_last": cfg.channels_last, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -316,16 +383,32 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         x_test, y_test = (torch.from_numpy(a) for a in splits["test"])
         test = evaluate_arrays(model, x_test, y_test, device=device, precision=precision,
                                batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
-                               tta=cfg.tta)
+                               tta=cfg.tta, world=world)
         summary["test_accuracy"] = test["accuracy"]
         meta["test_accuracy"] = test["accuracy"]
         log(f"test accuracy (images never used for training or model choice): "
             f"{test['accuracy']:.2%}")
-    save_weights(run / "weights.safetensors", model, meta)
-    write_json(run / "summary.json", summary)
+    if world.main:
+        save_weights(run / "weights.safetensors", model, meta)
+        write_json(run / "summary.json", summary)
+    distributed.barrier(world)
     log(f"done: val accuracy {last['val_accuracy']:.2%} | {train_seconds:.1f}s training | "
         f"{summary['images_per_second']:,.0f} img/s | weights {run / 'weights.safetensors'}")
     return summary
+
+
+def _agreed_signal(signum: int | None, world: distributed.World, device: str) -> int | None:
+    """The stop signal as all ranks see it, so that all stop at the same step.
+
+    torchrun forwards SIGINT/SIGTERM to every rank, but they may notice it a
+    step apart; one tiny all-reduce per step (max of the signal numbers) lines
+    them up, so they take part in the same checkpoint and stop together.
+    """
+    if world.size == 1:
+        return signum
+    t = torch.tensor([signum or 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t) or None
 
 
 def _interrupted(signum: int, run: Path, epoch: int, step: int) -> checkpoint.Interrupted:

@@ -1,0 +1,119 @@
+"""Issue 7: DDP through torchrun (CPU, gloo, 2 processes on a small slice)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from formats import make_split, python_archive
+from safetensors.torch import load_file
+
+from cifarcnn import distributed
+from cifarcnn.distributed import World
+
+ARGS = ["--model", "paper-cnn", "--epochs", "2", "--lr", "0.03", "--seed", "2"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    train_batches, test = make_split(n_per_batch=130, seed=4)  # 650 train, 130 test
+    return python_archive(tmp_path_factory.mktemp("data") / "cifar-10-python.tar.gz",
+                          train_batches, test)
+
+
+def _torchrun(nproc: int, args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CIFARCNN_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", "cifarcnn", "train", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _plain(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CIFARCNN_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "cifarcnn", "train", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("n, bs, world", [(650, 32, 2), (650, 32, 3), (100, 7, 4), (9, 4, 2)])
+def test_shards_are_disjoint_and_cover_the_epoch(n, bs, world):
+    steps = distributed.global_steps(n, bs, World(0, world))
+    seen: list[int] = []
+    for s in range(steps):
+        pieces = [distributed.shard(s * bs * world, min(n, (s + 1) * bs * world), World(r, world))
+                  for r in range(world)]
+        assert all(p.stop > p.start for p in pieces), "a rank got an empty batch"
+        assert max(p.stop - p.start for p in pieces) - min(p.stop - p.start for p in pieces) <= 1
+        for p in pieces:
+            seen.extend(range(p.start, p.stop))
+    assert len(seen) == len(set(seen))  # no position twice
+    assert n - len(seen) < world and seen == list(range(len(seen)))  # remainder < world, at end
+
+
+def test_two_processes_train_and_only_rank_0_writes(archive, tmp_path):
+    out = tmp_path / "runs"
+    r = _torchrun(2, [*ARGS, "--batch-size", "32", "--data", str(archive),
+                      "--out", str(out / "ddp")], tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["ddp"]  # no second run directory
+    files = sorted(p.name for p in (out / "ddp").iterdir())
+    assert files == ["ckpt-best.pt", "ckpt-last.pt", "config.json", "metrics.jsonl",
+                     "summary.json", "weights.safetensors"]
+    assert r.stdout.count("done: val accuracy") == 1  # rank 1 prints nothing
+    summary = json.loads((out / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["global_batch_size"] == 64
+    rows = (out / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+
+
+def test_ddp_world_size_1_equals_plain_training(archive, tmp_path):
+    common = [*ARGS, "--batch-size", "64", "--data", str(archive)]
+    a = _torchrun(1, [*common, "--out", str(tmp_path / "ddp1")], tmp_path / "home")
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = _plain([*common, "--out", str(tmp_path / "plain")], tmp_path / "home")
+    assert b.returncode == 0, b.stderr[-3000:]
+    wa = load_file(tmp_path / "ddp1" / "weights.safetensors")
+    wb = load_file(tmp_path / "plain" / "weights.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+EVAL_SCRIPT = r"""
+import json, os, sys, torch
+from cifarcnn import distributed
+from cifarcnn.inference import evaluate_arrays, load
+world = distributed.setup("cpu")
+clf = load(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+x = torch.randint(0, 256, (2300, 32, 32, 3), dtype=torch.uint8, generator=g)
+y = torch.randint(0, 10, (2300,), generator=g)
+r = evaluate_arrays(clf.model, x, y, device="cpu", precision=clf.precision, batch_size=500,
+                    channels_last=True, tta="flip", world=world)
+print(json.dumps({"rank": world.rank, **r}))
+distributed.teardown()
+"""
+
+
+def test_evaluation_under_ddp_equals_single_process(archive, tmp_path):
+    r = _plain([*ARGS, "--batch-size", "64", "--epochs", "1", "--data", str(archive),
+                "--out", str(tmp_path / "run")], tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    script = tmp_path / "eval_ddp.py"
+    script.write_text(EVAL_SCRIPT)
+    env = {**os.environ, "CIFARCNN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    results = []
+    for nproc in (1, 2):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={nproc}", str(script), str(tmp_path / "run")],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        results.append([json.loads(line) for line in p.stdout.splitlines()
+                        if line.startswith("{")])
+    single, (r0, r1) = results[0][0], sorted(results[1], key=lambda d: d["rank"])
+    for r in (r0, r1):  # both ranks report exactly what one process reports
+        assert r["correct"] == single["correct"] and r["n"] == 2300
+        assert r["accuracy_no_tta"] == single["accuracy_no_tta"]
+        assert abs(r["loss"] - single["loss"]) < 1e-6
