@@ -61,6 +61,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "config (--data may give the data's new location; other flags are ignored)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only: the same seed gives the same weights")
+    p.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"],
+                   help="execution mode (default eager; compile/trace set-up time is reported "
+                   "apart from training time)")
     p.add_argument("--nproc", type=int, default=0, metavar="N",
                    help="data-parallel on this machine: re-run this command under "
                    "`torchrun --standalone --nproc_per_node N` (--batch-size is per process)")
@@ -135,7 +138,7 @@ def _train_from_flags(a: argparse.Namespace, train) -> int:
         augment=a.augment, data=a.data, download=a.download, out=a.out,
         limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images,
         checkpoint_every=a.checkpoint_every, deterministic=a.deterministic, sync_bn=a.sync_bn,
-        dist_timeout=a.dist_timeout)
+        dist_timeout=a.dist_timeout, mode=a.mode)
     train(cfg)
     return 0
 

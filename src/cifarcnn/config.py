@@ -33,6 +33,7 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TTA_MODES = ("none", "flip", "flip-shift")  # the views are defined in inference.TTA_VIEWS
+EXEC_MODES = ("eager", "compile", "trace", "script")  # see modes.py
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
     sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch
     dist_timeout: float = 300.0  # seconds any collective may wait before the job fails
+    mode: str = "eager"  # eager | compile | trace | script (see modes.py)
     deterministic: bool = False  # deterministic kernels only (CUDA needs this for exact repeats)
 
     def resolved(self) -> TrainConfig:
@@ -79,7 +81,8 @@ class TrainConfig:
             c.channels_last = True
         for name, value, choices in (("optimizer", c.optimizer, OPTIMIZERS),
                                      ("schedule", c.schedule, SCHEDULES),
-                                     ("tta", c.tta, TTA_MODES)):
+                                     ("tta", c.tta, TTA_MODES),
+                                     ("mode", c.mode, EXEC_MODES)):
             if value not in choices:
                 raise CifarError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
         if c.epochs < 1 or c.batch_size < 1:

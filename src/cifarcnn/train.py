@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import augment, checkpoint, distributed, perf
+from . import augment, checkpoint, distributed, modes, perf
 from .config import TrainConfig
 from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
@@ -201,7 +201,10 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     model = build_model(cfg.model, **cfg.model_kwargs).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net: nn.Module = model  # what the step calls: the model, or its DDP wrapper
+    net: nn.Module = model  # what the step calls: the model, its mode wrapper, or DDP's
+    if world.size > 1 and cfg.mode in ("trace", "script"):
+        raise CifarError(f"--mode {cfg.mode} runs in one process; under torchrun use "
+                         "--mode eager or compile")
     if world.size > 1:
         # Same initial weights everywhere (DDP also broadcasts rank 0's), but each rank
         # its own dropout stream; rank 0 keeps the single-process stream.
@@ -224,7 +227,18 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     global_bs = bs * world.size
     sched = make_schedule(opt, cfg, steps)
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
-    in_dtype = input_dtype(precision)
+    # Traced and scripted graphs get their bf16 casts from the JIT's autocast pass, which
+    # expects fp32 inputs; eager and compiled models take bf16 images directly.
+    in_dtype = input_dtype(precision) if cfg.mode in ("eager", "compile") else torch.float32
+    setup_seconds = 0.0
+    if cfg.mode != "eager":
+        example = augment.normalize(x_train[:bs], mean, std, cfg.channels_last, in_dtype)
+        t0 = time.perf_counter()
+        net = modes.wrap(net, cfg.mode, example)
+        _warm_up(net, model, example, device, precision)
+        setup_seconds = time.perf_counter() - t0
+        log(f"--mode {cfg.mode}: {setup_seconds:.1f}s one-time set-up "
+            "(compile/trace, not counted as training time)")
 
     history: list[dict[str, Any]] = []
     train_seconds, start_epoch, start_step, partial = 0.0, 0, 0, None
@@ -337,7 +351,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             totals = distributed.all_reduce_sum(
                 torch.stack([loss_sum.double(), correct.double(), seen.double()]), world)
             train_loss, n_seen = float(totals[0] / totals[2]), int(totals[2])
-            val = evaluate_arrays(model, x_val, y_val, device=device, precision=precision,
+            val = evaluate_arrays(net, x_val, y_val, device=device, precision=precision,
                                   batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
                                   tta=cfg.tta, world=world)
             row = {"epoch": epoch + 1, "train_loss": train_loss,
@@ -373,7 +387,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         "best_val_accuracy": max(r["val_accuracy"] for r in history),
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
         "images_per_second": n * cfg.epochs / train_seconds, "train_images": n,
-        "processes": world.size, "global_batch_size": global_bs,
+        "processes": world.size, "global_batch_size": global_bs, "mode": cfg.mode,
+        "setup_seconds": setup_seconds,
         "parameters": params, "device": device, "precision": precision,
         "channels_last": cfg.channels_last, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -395,6 +410,34 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     log(f"done: val accuracy {last['val_accuracy']:.2%} | {train_seconds:.1f}s training | "
         f"{summary['images_per_second']:,.0f} img/s | weights {run / 'weights.safetensors'}")
     return summary
+
+
+def _warm_up(net: nn.Module, model: nn.Module, example: torch.Tensor, device: str,
+             precision: str) -> None:
+    """Run one train-mode step and one eval-mode forward so compilation happens now.
+
+    It changes nothing the run will see: gradients are dropped, BatchNorm
+    buffers and the RNG (dropout) are restored, so a run in any mode follows
+    the same random stream as eager.
+    """
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device == "cuda" else None
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    was_training = net.training
+    net.train()
+    with autocast(device, precision):
+        net(example).float().sum().backward()
+    net.eval()
+    with torch.no_grad(), autocast(device, precision):
+        net(example)
+    net.train(was_training)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def _agreed_signal(signum: int | None, world: distributed.World, device: str) -> int | None:
