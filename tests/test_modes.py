@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from test_train import tiny_data
@@ -65,3 +68,90 @@ def test_training_in_a_graph_mode_matches_eager(tmp_path, mode):
     # Same data, same dropout stream, same arithmetic up to fusion order: same losses.
     assert abs(g["train_accuracy"] - e["train_accuracy"]) < 0.05
     assert abs(g["val_accuracy"] - e["val_accuracy"]) < 0.05
+
+
+# ------------------------------------------------------------------------------- exports
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("exp") / "run"
+    train(TrainConfig(epochs=1, batch_size=64, tta="flip", out=str(run)), data=tiny_data(200, 64),
+          quiet=True)
+    return run
+
+
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", ".pt"), ("onnx", ".onnx")])
+def test_export_round_trips_and_equals_eager(trained_run, tmp_path, fmt, suffix):
+    import cifarcnn
+    from cifarcnn.export import TOLERANCE, export
+
+    images = tiny_data(10, 64).test_images
+    clf = cifarcnn.load(trained_run, device="cpu")
+    out = tmp_path / f"model{suffix}"
+    r = export(clf, fmt, out, check_images=images)
+    assert out.is_file() and r["max_abs_diff"] <= TOLERANCE and r["same_top1"] == 1.0
+    exported = cifarcnn.load(out)
+    assert exported.tta == "flip" and exported.classes == clf.classes
+    for n in (1, 7, 64):  # dynamic batch
+        p = exported.predict(images[:n])
+        assert p.shape == (n, 10)
+        np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)
+    # the same accuracy as the fp32 eager classifier with the same TTA
+    fp32 = cifarcnn.load(trained_run, device="cpu")
+    fp32.model.float()
+    fp32.precision = "fp32"
+    np.testing.assert_allclose(exported.predict(images), fp32.predict(images), atol=1e-4)
+
+
+def test_export_errors_are_clear(trained_run, tmp_path, capsys):
+    from cifarcnn.cli import main
+
+    assert main(["export", "--weights", str(trained_run), "--format", "tflite",
+                 "--no-check"]) == 2
+    assert "--format 'tflite'" in capsys.readouterr().err
+    locked = tmp_path / "no" / "such" / "dir" / "m.pt"
+    assert main(["export", "--weights", str(trained_run), "--format", "torchscript",
+                 "--out", str(locked), "--no-check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0]
+    assert main(["export", "--weights", str(trained_run), "--format", "onnx",
+                 "--out", str(tmp_path / "m.pt"), "--no-check"]) == 2
+    assert "must end in .onnx" in capsys.readouterr().err
+
+
+def test_predict_and_evaluate_accept_an_export(trained_run, tmp_path, capsys):
+    from conftest import fake_images
+    from formats import image_folder, png_bytes
+
+    from cifarcnn.cli import main
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--weights", str(trained_run), "--format", "onnx", "--out",
+                 str(out), "--no-check"]) == 0
+    img = tmp_path / "x.png"
+    img.write_bytes(png_bytes(fake_images(1)[0][0]))
+    capsys.readouterr()
+    assert main(["predict", "--weights", str(out), str(img), "--json"]) == 0
+    assert '"class"' in capsys.readouterr().out
+    data = image_folder(tmp_path / "imgs", per_class=2,
+                        classes=("airplane", "automobile", "bird", "cat", "deer", "dog",
+                                 "frog", "horse", "ship", "truck"))
+    assert main(["evaluate", "--weights", str(out), "--data", str(data)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_bench_modes_quick_look(tmp_path, capsys):
+    from cifarcnn.bench import bench_modes
+
+    rows = bench_modes("paper-cnn", epochs=1, runs=2, data=tiny_data(128, 1000),
+                       devices=["cpu"], mode_list=("eager", "trace"), out=tmp_path / "b",
+                       log=lambda m: None)
+    table = capsys.readouterr().out
+    assert [r["mode"] for r in rows] == ["eager", "trace", "onnxruntime"]
+    for r in rows[:2]:
+        assert r["train_best_s"] <= r["train_worst_s"] and r["images_per_second"] > 0
+        assert 0 < r["latency_p50_ms"] <= r["latency_p99_ms"]
+    assert "train best" in table and "onnxruntime" in table
+    saved = json.loads((tmp_path / "b" / "modes.json").read_text())
+    assert len(saved["rows"]) == 3 and (tmp_path / "b" / "modes.csv").is_file()

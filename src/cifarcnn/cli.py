@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import CifarError
 
@@ -144,10 +145,8 @@ def _train_from_flags(a: argparse.Namespace, train) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    import torch
-
     from .datasets import load_cifar10
-    from .inference import evaluate_arrays, load
+    from .inference import load
 
     clf = load(a.weights, device=a.device, tta=a.tta)
     data = load_cifar10(a.data, a.download, verbose=True)
@@ -155,23 +154,48 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         raise CifarError(f"{a.data or 'data'}: classes {data.classes} differ from the "
                          f"model's {clf.classes}")
     t0 = time.perf_counter()
-    r = evaluate_arrays(clf.model, torch.from_numpy(data.test_images),
-                        torch.from_numpy(data.test_labels), device=clf.device,
-                        precision=clf.precision, batch_size=clf.batch_size,
-                        channels_last=clf.channels_last, tta=clf.tta)
+    r = clf.evaluate(data.test_images, data.test_labels)
     r["seconds"] = time.perf_counter() - t0
     r["weights"] = str(clf.path)
     if a.json:
         print(json.dumps(r))
     else:
-        tta = (f" with {clf.tta} TTA ({r['accuracy_no_tta']:.2%} without)"
-               if clf.tta != "none" else "")
+        tta = ""
+        if clf.tta != "none":
+            tta = f" with {clf.tta} TTA"
+            if "accuracy_no_tta" in r:
+                tta += f" ({r['accuracy_no_tta']:.2%} without)"
         print(f"{clf.path}: {clf.meta['model']} test accuracy {r['accuracy']:.2%}{tta} "
               f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}, {r['seconds']:.1f}s")
         recorded = {clf.meta.get("tta", "none"): clf.meta.get("val_accuracy"),
                     "none": clf.meta.get("val_accuracy_no_tta", clf.meta.get("val_accuracy"))}
         if recorded.get(clf.tta) is not None:
             print(f"(recorded at training time: {recorded[clf.tta]:.2%})")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .datasets import load_cifar10
+    from .export import export
+    from .inference import load
+
+    clf = load(a.weights, device="cpu", tta=a.tta)
+    if not hasattr(clf, "model"):
+        raise CifarError(f"--weights {a.weights}: already an export; give safetensors weights")
+    images = None
+    if not a.no_check:
+        data = load_cifar10(a.data, verbose=True)
+        images = data.test_images[:a.check_images]
+    r = export(clf, a.format, a.out, check_images=images)
+    if a.json:
+        print(json.dumps(r))
+        return 0
+    print(f"wrote {r['file']} ({a.format}, {r['bytes']:,} bytes): uint8 (N, 32, 32, 3) -> "
+          f"probabilities, TTA {clf.tta}")
+    if images is not None:
+        print(f"checked on {r['checked_images']:,} real test images after reloading: max "
+              f"|p - p_eager| = {r['max_abs_diff']:.2e} (tolerance {r['tolerance']:g}), "
+              f"same top-1 class {r['same_top1']:.2%}")
     return 0
 
 
@@ -228,12 +252,56 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.choices["predict"]
     predict.add_argument("images", nargs="+", metavar="IMG", help="image files, any size/mode")
     predict.add_argument("--top", type=int, default=3, help="classes to show per image")
+    ex = sub.add_parser("export", help="write TorchScript or ONNX and prove it equals eager")
+    ex.add_argument("--weights", default="paper-cnn",
+                    help="weights .safetensors, run directory or shipped model name")
+    ex.add_argument("--format", required=True, help="torchscript or onnx")
+    ex.add_argument("--out", help="output file (default: beside the weights, .pt / .onnx)")
+    ex.add_argument("--tta", choices=["none", "flip", "flip-shift"], default=None,
+                    help="TTA built into the graph (default: the weights' recipe)")
+    ex.add_argument("--no-tta", dest="tta", action="store_const", const="none")
+    ex.add_argument("--data", help="CIFAR-10 for the equality check (real test images)")
+    ex.add_argument("--check-images", type=int, default=2000, metavar="N",
+                    help="test images compared with eager after reloading (default 2000)")
+    ex.add_argument("--no-check", action="store_true", help="skip the equality check")
+    ex.add_argument("--json", action="store_true")
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench",
+                                                                       required=True)
+    bm = bench.add_parser("modes", help="time training and inference per execution mode "
+                          "(the paper's Fig. 2)")
+    bm.add_argument("--model", default="paper-cnn")
+    bm.add_argument("--epochs", type=int, default=25)
+    bm.add_argument("--runs", type=int, default=2, help="training runs per mode (best/worst)")
+    bm.add_argument("--data", help="CIFAR-10 archive or folder")
+    bm.add_argument("--limit-train", type=int, metavar="N", help="train on N images only")
+    bm.add_argument("--modes", default="eager,compile,trace,script",
+                    help="comma-separated subset of eager,compile,trace,script")
+    bm.add_argument("--devices", help="comma-separated (default: every available device)")
+    bm.add_argument("--out", default="bench-modes", help="folder for modes.csv / modes.json")
     sub.add_parser("models", help="list the models")
     return parser
 
 
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import bench_modes
+    from .modes import MODES
+
+    chosen = tuple(m.strip() for m in a.modes.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in MODES]
+    if unknown or not chosen:
+        raise CifarError(f"--modes {a.modes!r}: choose from {', '.join(MODES)}")
+    if a.runs < 1 or a.epochs < 1:
+        raise CifarError("--runs and --epochs must be at least 1")
+    devices = [d.strip() for d in a.devices.split(",")] if a.devices else None
+    bench_modes(a.model, a.epochs, a.runs, data_path=a.data, limit_train=a.limit_train,
+                devices=devices, mode_list=chosen, out=Path(a.out),
+                log=lambda m: print(m, flush=True))
+    print(f"wrote {a.out}/modes.csv and {a.out}/modes.json")
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-            "models": _cmd_models}
+            "export": _cmd_export, "bench": _cmd_bench, "models": _cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from .datasets import CLASSES, MEAN, STD, decode_image
 from .distributed import World, all_reduce_sum
 from .errors import CifarError
 from .weights import load_weights, resolve_weights_path
+
+if TYPE_CHECKING:
+    from .export import Exported
 
 # Test-time augmentation: weighted views (weight, flip, shift) whose logits are averaged.
 # "flip" is the mirror pair; "flip-shift" adds 1-pixel translations both ways, each at
@@ -196,13 +199,18 @@ def _as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def load(path: str | os.PathLike = "paper-cnn", device: str = "auto",
-         tta: str | bool | None = None) -> Classifier:
+         tta: str | bool | None = None) -> Classifier | Exported:
     """Load a classifier from a weights file, a run directory, or a shipped model name.
 
     `tta`: None or True applies the test-time augmentation recorded with the
     weights (the model's recipe), False turns it off, a mode name overrides it.
+    A TorchScript or ONNX file written by `cifarcnn export` loads too.
     """
     dev = resolve_device(device)
     p = resolve_weights_path(path)
+    if p.suffix.lower() in (".onnx", ".pt", ".ts"):  # a `cifarcnn export` file
+        from .export import load_exported
+
+        return load_exported(p)
     model, meta = load_weights(p, device=dev)
     return Classifier(model, meta, dev, p, tta=tta)

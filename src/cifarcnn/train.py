@@ -236,6 +236,9 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         t0 = time.perf_counter()
         net = modes.wrap(net, cfg.mode, example)
         _warm_up(net, model, example, device, precision)
+        last = distributed.shard((steps - 1) * global_bs, n, world)
+        if last.stop - last.start != len(example):  # the epoch's short last batch: a new shape
+            _warm_up(net, model, example[:last.stop - last.start], device, precision)
         setup_seconds = time.perf_counter() - t0
         log(f"--mode {cfg.mode}: {setup_seconds:.1f}s one-time set-up "
             "(compile/trace, not counted as training time)")
