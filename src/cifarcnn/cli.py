@@ -19,6 +19,30 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model; writes a run directory",
                        description="Train a model on CIFAR-10. Flags left out come from the "
                        "model's own recipe (see `cifarcnn models`).")
+    _train_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint, with its saved "
+                   "config (--data may give the data's new location; other flags are ignored)")
+    p.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="data-parallel on this machine: re-run this command under "
+                   "`torchrun --standalone --nproc_per_node N` (--batch-size is per process)")
+    e = sub.add_parser("experiment", help="R seeded runs of one config, then a results table",
+                       description="Train seeds 0..R-1 into one folder (--out). Run it again "
+                       "to continue an interrupted experiment: finished runs are skipped.")
+    _train_flags(e)
+    e.add_argument("--runs", type=int, default=3, help="number of runs (seeds 0..R-1)")
+    r = sub.add_parser("results", help="the results table of an experiment folder")
+    r.add_argument("experiment", help="folder written by `cifarcnn experiment`")
+    rep = sub.add_parser("report", help="HTML/Markdown report with charts from run and "
+                         "experiment folders")
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="run or experiment folders")
+    rep.add_argument("--out", default="report", help="output folder (default: report)")
+    rep.add_argument("--data", help="CIFAR-10 for the test-set charts")
+    rep.add_argument("--modes", metavar="MODES_JSON",
+                     help="modes.json from `cifarcnn bench modes`, shown as a table")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="paper-cnn", help="model name (default: paper-cnn)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="model constructor argument, VALUE in JSON (e.g. channels=[32,64,128])")
@@ -57,17 +81,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="skip unreadable images in image-folder data instead of stopping")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N steps (always at each epoch end)")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted run from its last checkpoint, with its saved "
-                   "config (--data may give the data's new location; other flags are ignored)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only: the same seed gives the same weights")
     p.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"],
                    help="execution mode (default eager; compile/trace set-up time is reported "
                    "apart from training time)")
-    p.add_argument("--nproc", type=int, default=0, metavar="N",
-                   help="data-parallel on this machine: re-run this command under "
-                   "`torchrun --standalone --nproc_per_node N` (--batch-size is per process)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files into the run directory")
     p.add_argument("--sync-bn", action="store_true",
                    help="under DDP, BatchNorm statistics over the global batch")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
@@ -127,9 +147,14 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def _train_from_flags(a: argparse.Namespace, train) -> int:
+    train(_config_from_flags(a))
+    return 0
+
+
+def _config_from_flags(a: argparse.Namespace):
     from .config import TrainConfig
 
-    cfg = TrainConfig(
+    return TrainConfig(
         model=a.model, model_kwargs=_parse_model_args(a.model_arg), epochs=a.epochs,
         batch_size=a.batch_size, optimizer=a.optimizer,
         lr=a.lr, momentum=a.momentum, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
@@ -139,8 +164,34 @@ def _train_from_flags(a: argparse.Namespace, train) -> int:
         augment=a.augment, data=a.data, download=a.download, out=a.out,
         limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images,
         checkpoint_every=a.checkpoint_every, deterministic=a.deterministic, sync_bn=a.sync_bn,
-        dist_timeout=a.dist_timeout, mode=a.mode)
-    train(cfg)
+        dist_timeout=a.dist_timeout, mode=a.mode, tensorboard=a.tensorboard)
+
+
+def _cmd_experiment(a: argparse.Namespace) -> int:
+    from .experiment import results_table, run_experiment
+
+    if not a.out:
+        raise CifarError("--out DIR is required: the experiment's folder (run the same "
+                         "command again to continue it)")
+    cfg = _config_from_flags(a)
+    run_experiment(cfg, a.runs, Path(a.out))
+    print(results_table(Path(a.out)))
+    return 0
+
+
+def _cmd_results(a: argparse.Namespace) -> int:
+    from .experiment import results_table
+
+    print(results_table(Path(a.experiment)))
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from .report import build_report
+
+    page = build_report([Path(d) for d in a.dirs], Path(a.out), data_path=a.data,
+                        modes_json=Path(a.modes) if a.modes else None)
+    print(f"wrote {page} (PNGs embedded), {page.with_suffix('.md')} and the PNGs in {a.out}")
     return 0
 
 
@@ -301,7 +352,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-            "export": _cmd_export, "bench": _cmd_bench, "models": _cmd_models}
+            "export": _cmd_export, "bench": _cmd_bench, "experiment": _cmd_experiment,
+            "results": _cmd_results, "report": _cmd_report, "models": _cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

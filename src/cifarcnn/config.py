@@ -65,6 +65,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
     sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch
     dist_timeout: float = 300.0  # seconds any collective may wait before the job fails
+    tensorboard: bool = False  # event files beside metrics.jsonl (needs the tensorboard extra)
     mode: str = "eager"  # eager | compile | trace | script (see modes.py)
     deterministic: bool = False  # deterministic kernels only (CUDA needs this for exact repeats)
 

@@ -260,6 +260,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         checkpoint.write_atomic(metrics_path,
                                 "".join(json.dumps(r) + "\n" for r in history).encode())
 
+    board = _tensorboard(run, start_epoch) if cfg.tensorboard and world.main else None
+
     params = count_parameters(model)
     log(f"{cfg.model}: {params:,} parameters | {n:,} train / {len(y_val):,} "
         f"{'holdout' if cfg.holdout else 'test'} images | {device} {precision}"
@@ -366,6 +368,11 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             if world.main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            if board is not None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        board.add_scalar(key, value, epoch + 1)
+                board.flush()
             tta_note = f" ({val['accuracy_no_tta']:.2%} no TTA)" if cfg.tta != "none" else ""
             log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc "
                 f"{row['train_accuracy']:.2%}  val loss {val['loss']:.4f} acc "
@@ -376,6 +383,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             if signum is not None and epoch + 1 < cfg.epochs:
                 raise _interrupted(signum, run, epoch + 1, 0)
 
+    if board is not None:
+        board.close()
     last = history[-1]
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
             "precision": precision, "channels_last": cfg.channels_last,
@@ -413,6 +422,16 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     log(f"done: val accuracy {last['val_accuracy']:.2%} | {train_seconds:.1f}s training | "
         f"{summary['images_per_second']:,.0f} img/s | weights {run / 'weights.safetensors'}")
     return summary
+
+
+def _tensorboard(run: Path, start_epoch: int):
+    """A TensorBoard writer in the run directory; on resume, later events are replaced."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CifarError("--tensorboard needs the tensorboard package: "
+                         "pip install 'cifarcnn[tensorboard]'") from None
+    return SummaryWriter(str(run / "tensorboard"), purge_step=start_epoch + 1)
 
 
 def _warm_up(net: nn.Module, model: nn.Module, example: torch.Tensor, device: str,
