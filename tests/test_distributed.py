@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,58 @@ def test_evaluation_under_ddp_equals_single_process(archive, tmp_path):
         assert r["correct"] == single["correct"] and r["n"] == 2300
         assert r["accuracy_no_tta"] == single["accuracy_no_tta"]
         assert abs(r["loss"] - single["loss"]) < 1e-6
+
+
+def test_distributed_run_resumes_to_identical_weights(archive, tmp_path):
+    common = [*ARGS, "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "5",
+              "--data", str(archive)]
+    ref = _torchrun(2, [*common, "--out", str(tmp_path / "ref")], tmp_path / "home")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "cut"
+    env = {**os.environ, "CIFARCNN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "-m", "cifarcnn", "train", *common, "--out",
+                          str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "ckpt-last.pt").exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    p.communicate(timeout=120)
+    assert not (run / "summary.json").exists()
+    r = _torchrun(2, ["--resume", str(run)], tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(run / "weights.safetensors")
+    b = load_file(tmp_path / "ref" / "weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+FAIL_SCRIPT = r"""
+import sys
+from cifarcnn import distributed
+from cifarcnn.config import TrainConfig
+from cifarcnn.train import train
+sys.path.insert(0, sys.argv[1])
+from test_train import tiny_data
+world = distributed.setup("cpu", timeout_s=20)
+if world.rank == 1:
+    raise SystemExit("rank 1 fails on purpose")
+train(TrainConfig(epochs=1, batch_size=32, dist_timeout=20, out=sys.argv[2]),
+      data=tiny_data(), quiet=True)
+"""
+
+
+def test_one_failing_rank_stops_the_job_instead_of_hanging(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(FAIL_SCRIPT)
+    env = {**os.environ, "CIFARCNN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script), str(Path(__file__).parent),
+                        str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode != 0
+    assert "rank 1 fails on purpose" in p.stderr
+    assert time.monotonic() - t0 < 120
+    assert not (tmp_path / "run" / "weights.safetensors").exists()
