@@ -167,6 +167,26 @@ def _config_from_flags(a: argparse.Namespace):
         dist_timeout=a.dist_timeout, mode=a.mode, tensorboard=a.tensorboard)
 
 
+def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
+    from .time_to_accuracy import time_to_accuracy
+
+    if a.target is not None and not 0 < a.target <= 1:
+        raise CifarError(f"--target {a.target}: give an accuracy between 0 and 1 (e.g. 0.91)")
+    overrides = {"device": a.device, "mode": a.mode}
+    if a.epochs:
+        overrides["epochs"] = a.epochs
+    out = time_to_accuracy(a.model, a.runs, data_path=a.data, target=a.target,
+                           overrides=overrides, keep=Path(a.keep) if a.keep else None,
+                           log=lambda m: print(m, flush=True))
+    if a.json:
+        try:
+            Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        except OSError as e:
+            raise CifarError(f"--json {a.json}: cannot write ({e.strerror})") from None
+        print(f"wrote {a.json}")
+    return 0
+
+
 def _cmd_experiment(a: argparse.Namespace) -> int:
     from .experiment import results_table, run_experiment
 
@@ -329,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated subset of eager,compile,trace,script")
     bm.add_argument("--devices", help="comma-separated (default: every available device)")
     bm.add_argument("--out", default="bench-modes", help="folder for modes.csv / modes.json")
+    tb = bench.add_parser("time-to-accuracy", help="R seeded trainings: accuracy with and "
+                          "without TTA, training seconds, mean ± std")
+    tb.add_argument("--model", default="fast")
+    tb.add_argument("--runs", type=int, default=3)
+    tb.add_argument("--data", help="CIFAR-10 archive or folder")
+    tb.add_argument("--target", type=float, metavar="ACC",
+                    help="report when the mean validation accuracy first reached ACC (0-1)")
+    tb.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    tb.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    tb.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    tb.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"])
+    tb.add_argument("--keep", metavar="DIR", help="keep the run folders here")
     sub.add_parser("models", help="list the models")
     return parser
 
@@ -337,6 +369,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench import bench_modes
     from .modes import MODES
 
+    if a.bench == "time-to-accuracy":
+        return _bench_time_to_accuracy(a)
     chosen = tuple(m.strip() for m in a.modes.split(",") if m.strip())
     unknown = [m for m in chosen if m not in MODES]
     if unknown or not chosen:

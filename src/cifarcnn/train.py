@@ -222,6 +222,11 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     x_val, y_val = (torch.from_numpy(a) for a in splits["val"])
     mean = torch.tensor(MEAN, device=device)
     std = torch.tensor(STD, device=device)
+    if hasattr(model, "init_from_data") and ckpt is None:
+        # data-dependent initialisation (fast's whitening layer): a fixed sample, every rank
+        sample = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
+            cfg.seed))[:5000].to(device)]
+        model.init_from_data(augment.normalize(sample, mean, std, channels_last=False))
     n, bs = len(y_train), cfg.batch_size
     steps = distributed.global_steps(n, bs, world)
     global_bs = bs * world.size

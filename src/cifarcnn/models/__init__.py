@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import CifarError
-from . import paper_cnn, paper_mlp
+from . import fast, paper_cnn, paper_mlp
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ MODELS: dict[str, ModelSpec] = {
                            paper_cnn.RECIPE),
     "paper-mlp": ModelSpec("paper-mlp", paper_mlp.PaperMLP, paper_mlp.__doc__.splitlines()[0],
                            paper_mlp.RECIPE),
+    "fast": ModelSpec("fast", fast.FastNet, fast.__doc__.splitlines()[0], fast.RECIPE),
 }
 
 

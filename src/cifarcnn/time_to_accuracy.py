@@ -1,0 +1,91 @@
+"""Time to accuracy: R seeded trainings of a model, accuracy with and without TTA, seconds.
+
+Used by `benchmarks/time_to_accuracy.py` and `cifarcnn bench time-to-accuracy`.
+Training seconds exclude evaluation and the one-time compile/trace set-up,
+which is reported apart. With a target, it also reports when the mean
+(over runs) validation accuracy first reached it, in mean training seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .datasets import CifarData, load_cifar10
+from .errors import CifarError
+
+
+def _history(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None = None,
+                     data_path: str | None = None, target: float | None = None,
+                     overrides: dict[str, Any] | None = None, keep: Path | None = None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `runs` seeds; returns {"runs": [...], "mean": ..., "target": ...}."""
+    from .train import train
+
+    if runs < 1:
+        raise CifarError(f"--runs {runs}: must be at least 1")
+    data = data or load_cifar10(data_path, verbose=True)
+    results, histories = [], []
+    with tempfile.TemporaryDirectory(prefix="cifarcnn-tta-bench-") as tmp:
+        root = keep or Path(tmp)
+        for seed in range(runs):
+            run = root / f"{model}-seed-{seed}"
+            s = train(TrainConfig(model=model, seed=seed, out=str(run), **(overrides or {})),
+                      data=data, quiet=True)
+            hist = _history(run)
+            histories.append(hist)
+            results.append({"seed": seed, "accuracy": s["val_accuracy_no_tta"],
+                            "tta_accuracy": s["val_accuracy"], "tta": s["tta"],
+                            "train_seconds": s["train_seconds"],
+                            "setup_seconds": s["setup_seconds"], "epochs": s["epochs"],
+                            "device": s["device"], "precision": s["precision"],
+                            "mode": s["mode"]})
+            log(f"seed {seed}: accuracy {s['val_accuracy_no_tta']:.2%}, with TTA "
+                f"({s['tta']}) {s['val_accuracy']:.2%}, {s['train_seconds']:.1f}s training"
+                + (f" (+{s['setup_seconds']:.1f}s set-up)" if s["setup_seconds"] else ""))
+    out: dict[str, Any] = {"model": model, "runs": results, "mean": {}}
+    for key in ("accuracy", "tta_accuracy", "train_seconds"):
+        values = [r[key] for r in results]
+        out["mean"][key] = statistics.mean(values)
+        out["mean"][key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    if target is not None:
+        out["target"] = {"accuracy": target, "epoch": None, "train_seconds": None}
+        epochs = min(len(h) for h in histories)
+        elapsed = [0.0] * len(histories)
+        for e in range(epochs):
+            for i, h in enumerate(histories):
+                elapsed[i] += h[e]["seconds"]
+            mean_acc = statistics.mean(h[e]["val_accuracy"] for h in histories)
+            if mean_acc >= target:
+                out["target"].update(epoch=e + 1, train_seconds=statistics.mean(elapsed),
+                                     mean_accuracy=mean_acc)
+                break
+    print_table(out)
+    return out
+
+
+def print_table(out: dict[str, Any]) -> None:
+    print(f"{'seed':>4} {'accuracy':>9} {'TTA acc':>8} {'train s':>8} {'set-up s':>8}")
+    for r in out["runs"]:
+        print(f"{r['seed']:>4} {r['accuracy']:>9.2%} {r['tta_accuracy']:>8.2%} "
+              f"{r['train_seconds']:>8.1f} {r['setup_seconds']:>8.1f}")
+    m = out["mean"]
+    print(f"mean {m['accuracy']:>6.2%} ± {m['accuracy_std']:.2%}  TTA {m['tta_accuracy']:.2%} "
+          f"± {m['tta_accuracy_std']:.2%}  {m['train_seconds']:.1f} ± "
+          f"{m['train_seconds_std']:.1f} s")
+    t = out.get("target")
+    if t:
+        if t["epoch"] is None:
+            print(f"target {t['accuracy']:.2%}: not reached by the mean")
+        else:
+            print(f"target {t['accuracy']:.2%}: mean reached {t['mean_accuracy']:.2%} after "
+                  f"epoch {t['epoch']}, {t['train_seconds']:.1f} s of training")
