@@ -174,3 +174,15 @@ def test_one_failing_rank_stops_the_job_instead_of_hanging(tmp_path):
     assert "rank 1 fails on purpose" in p.stderr
     assert time.monotonic() - t0 < 120
     assert not (tmp_path / "run" / "weights.safetensors").exists()
+
+
+def test_fast_model_with_batchnorm_and_fp32_under_ddp(archive, tmp_path):
+    args = ["--model", "fast", "--model-arg", "widths=[8,16,16]", "--epochs", "1",
+            "--batch-size", "32", "--precision", "fp32", "--data", str(archive)]
+    r = _torchrun(2, [*args, "--sync-bn", "--out", str(tmp_path / "sync")], tmp_path / "home")
+    assert r.returncode != 0 and "--sync-bn needs CUDA" in r.stderr  # GPU-only in PyTorch
+    r = _torchrun(2, [*args, "--out", str(tmp_path / "run")], tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["model"] == "fast" and summary["precision"] == "fp32"
+    assert summary["processes"] == 2

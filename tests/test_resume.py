@@ -92,16 +92,17 @@ def test_kill_9_mid_run_then_resume_gives_identical_weights(archive, reference_r
     assert len(rows) == len(ref_rows) == 3
 
 
-def test_sigterm_checkpoints_and_exits_143_then_resumes_exactly(archive, reference_run,
-                                                                 tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_and_exits_then_resumes_exactly(archive, reference_run, tmp_path,
+                                                           sig, code):
     run = tmp_path / "run"
     p = _cli([*TRAIN_ARGS, "--data", str(archive), "--out", str(run)], tmp_path / "home")
     _wait_for_checkpoint(p, run)
-    p.send_signal(signal.SIGTERM)
-    _out, err = p.communicate(timeout=120)
-    assert p.returncode == 143, err
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err
     last = err.strip().splitlines()[-1]  # the lines before it are the data loader's
-    assert last.startswith("cifarcnn train: SIGTERM: stopped at epoch")
+    assert last.startswith(f"cifarcnn train: {sig.name}: stopped at epoch")
     assert last.endswith(f"cifarcnn train --resume {run}") and "Traceback" not in err
     r = _cli(["--resume", str(run)], tmp_path / "home")  # data location from the run's config
     _, err = r.communicate(timeout=300)

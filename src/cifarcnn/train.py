@@ -211,6 +211,10 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         if world.rank:
             torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
         if cfg.sync_bn:
+            if device != "cuda":
+                raise CifarError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs "
+                                 "only); on CPU leave it out: BatchNorm then uses each "
+                                 "process's own batch statistics")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[world.local_rank] if device == "cuda" else None)
@@ -247,6 +251,10 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         setup_seconds = time.perf_counter() - t0
         log(f"--mode {cfg.mode}: {setup_seconds:.1f}s one-time set-up "
             "(compile/trace, not counted as training time)")
+
+    # Evaluation runs the mode's graph in one process; under DDP the plain model, because
+    # ranks evaluate different numbers of batches and DDP's forward may sync buffers.
+    eval_net = net if world.size == 1 else model
 
     history: list[dict[str, Any]] = []
     train_seconds, start_epoch, start_step, partial = 0.0, 0, 0, None
@@ -361,7 +369,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             totals = distributed.all_reduce_sum(
                 torch.stack([loss_sum.double(), correct.double(), seen.double()]), world)
             train_loss, n_seen = float(totals[0] / totals[2]), int(totals[2])
-            val = evaluate_arrays(net, x_val, y_val, device=device, precision=precision,
+            val = evaluate_arrays(eval_net, x_val, y_val, device=device, precision=precision,
                                   batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
                                   tta=cfg.tta, world=world)
             row = {"epoch": epoch + 1, "train_loss": train_loss,
