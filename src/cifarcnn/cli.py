@@ -1,6 +1,8 @@
-"""The `cifarcnn` command: a thin argparse layer over train, evaluate and predict.
+"""The `cifarcnn` command: a thin argparse layer over the package's functions.
 
-User errors (CifarError) print one line to stderr and exit 2; Ctrl-C exits 130.
+train, evaluate, predict, export, bench (modes, time-to-accuracy), experiment,
+results, report, models. User errors (CifarError) print one line to stderr
+and exit 2; an interrupted training exits 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=0, metavar="N",
                    help="data-parallel on this machine: re-run this command under "
                    "`torchrun --standalone --nproc_per_node N` (--batch-size is per process)")
+
+
+def _add_experiment_and_report(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("experiment", help="R seeded runs of one config, then a results table",
                        description="Train seeds 0..R-1 into one folder (--out). Run it again "
                        "to continue an interrupted experiment: finished runs are skipped.")
@@ -304,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "CNN classifiers on CIFAR-10.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_experiment_and_report(sub)
     for name, helptext in (("evaluate", "test accuracy of saved weights"),
                            ("predict", "classify image files")):
         p = sub.add_parser(name, help=helptext)

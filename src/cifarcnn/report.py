@@ -37,6 +37,11 @@ class Source:
     def model(self) -> str:
         return self.runs[0][2].get("model", "?") if self.runs else "?"
 
+    @property
+    def label(self) -> str:
+        """"name (model)", or just the name when it already is the model's."""
+        return self.name if self.name == self.model else f"{self.name} ({self.model})"
+
 
 def _history(run: Path) -> list[dict[str, Any]]:
     try:
@@ -108,7 +113,7 @@ def chart_curves(src: Source, out: Path) -> Path:
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     axes[0, 0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{src.name} ({src.model}): accuracy and loss per epoch", fontsize=13)
+    fig.suptitle(f"{src.label}: accuracy and loss per epoch", fontsize=13)
     fig.tight_layout()
     path = out / f"curves-{src.name}.png"
     fig.savefig(path, dpi=110)
@@ -125,7 +130,7 @@ def chart_compare(sources: list[Source], out: Path) -> Path:
         final = v[:, -1] * 100
         spread = f" ± {final.std(ddof=1):.2f}" if len(final) > 1 else ""
         ax.plot(epochs, mean, lw=2.2, color=f"C{i}",
-                label=f"{src.model} ({src.name}): {final.mean():.2f}%{spread} after "
+                label=f"{src.label}: {final.mean():.2f}{spread}% after "
                       f"{epochs[-1]} epochs, {len(v)} run{'s' if len(v) > 1 else ''}")
         if len(v) > 1:
             ax.fill_between(epochs, v.min(0) * 100, v.max(0) * 100, color=f"C{i}", alpha=0.15)
@@ -176,7 +181,7 @@ def chart_confusion(src: Source, data: CifarData, probs: np.ndarray, out: Path) 
     bx.set_xlabel("accuracy on the class's test images (%)")
     bx.set_title(f"Per-class accuracy (overall {np.mean(pred == data.test_labels):.2%})")
     bx.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{src.name} ({src.model}): where it goes wrong, {len(pred):,} test images",
+    fig.suptitle(f"{src.label}: where it goes wrong, {len(pred):,} test images",
                  fontsize=13)
     fig.tight_layout()
     path = out / f"confusion-{src.name}.png"
@@ -199,7 +204,7 @@ def chart_mistakes(src: Source, data: CifarData, probs: np.ndarray, out: Path,
         ax.set_title(f"true: {data.classes[data.test_labels[i]]}\npred: "
                      f"{data.classes[pred[i]]} {probs[i, pred[i]]:.0%}", fontsize=7.5,
                      color="darkred")
-    fig.suptitle(f"{src.name} ({src.model}): the {len(wrong)} most confident mistakes "
+    fig.suptitle(f"{src.label}: the {len(wrong)} most confident mistakes "
                  "(true class, predicted class and its probability)", fontsize=11)
     fig.tight_layout()
     path = out / f"mistakes-{src.name}.png"
@@ -270,7 +275,7 @@ def build_report(dirs: list[Path], out: Path, data: CifarData | None = None,
     for s in sources:
         clf = load(_best_run(s), device="cpu")
         probs = clf.predict(data.test_images)
-        sections += [("h2", f"{s.name} ({s.model})"), ("img", chart_curves(s, out)),
+        sections += [("h2", s.label), ("img", chart_curves(s, out)),
                      ("p", f"Test-set analysis of {_best_run(s).name} (TTA: {clf.tta})."),
                      ("img", chart_confusion(s, data, probs, out)),
                      ("img", chart_mistakes(s, data, probs, out))]
