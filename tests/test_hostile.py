@@ -93,7 +93,8 @@ def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes
 edits = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=8)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(sorted(SEEDS)), edits=edits,
        cut=st.one_of(st.none(), st.integers(0, 2000)))
 def test_fuzz_decode_image_mutated(kind, edits, cut):
@@ -106,7 +107,7 @@ def test_fuzz_decode_image_mutated(kind, edits, cut):
         assert img.shape == (32, 32, 3) and img.dtype == np.uint8
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
 @given(data=st.binary(max_size=600))
 def test_fuzz_decode_image_random_bytes(data):
     with contextlib.suppress(CifarError):
@@ -139,7 +140,7 @@ def test_fuzz_archives_mutated(archive_seeds, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")
     counts = {"ok": 0, "refused": 0}
 
-    @settings(max_examples=1500, deadline=None,
+    @settings(max_examples=1500, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(kind=st.sampled_from(sorted(archive_seeds)), edits=edits,
            cut=st.one_of(st.none(), st.integers(0, 4000)))

@@ -95,6 +95,12 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
                          " (training data: --skip-bad-images skips such files)") from None
 
 
+# What a damaged or hostile batch pickle makes unpickling raise (LookupError: an unknown
+# codec name in a mutated bytes record, found by the fuzz test).
+PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
+                 AttributeError, IndexError, LookupError, OverflowError)
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """The official batches are pickles; this unpickler builds numpy arrays and nothing else."""
 
@@ -115,8 +121,7 @@ def _read_py_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
         d = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
         x = np.asarray(d[b"data"], dtype=np.uint8)
         y = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
-            AttributeError, IndexError) as e:
+    except PICKLE_ERRORS as e:
         raise CifarError(f"{name}: not a CIFAR-10 python batch ({e})") from None
     if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
         raise CifarError(f"{name}: expected N x 3072 pixels and N labels, got {x.shape} and "
@@ -128,8 +133,7 @@ def _read_py_meta(name: str, data: bytes) -> list[str]:
     try:
         meta = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
         names = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
-            AttributeError, IndexError) as e:
+    except PICKLE_ERRORS as e:
         raise CifarError(f"{name}: not a CIFAR-10 batches.meta ({e})") from None
     if not names or len(set(names)) != len(names):
         raise CifarError(f"{name}: class names missing or repeated")
