@@ -94,7 +94,9 @@ x = torch.randint(0, 256, (2300, 32, 32, 3), dtype=torch.uint8, generator=g)
 y = torch.randint(0, 10, (2300,), generator=g)
 r = evaluate_arrays(clf.model, x, y, device="cpu", precision=clf.precision, batch_size=500,
                     channels_last=True, tta="flip", world=world)
-print(json.dumps({"rank": world.rank, **r}))
+# one file per rank: two ranks printing at once may interleave their lines
+with open(f"{sys.argv[2]}-{world.size}-{world.rank}.json", "w") as f:
+    json.dump({"rank": world.rank, **r}, f)
 distributed.teardown()
 """
 
@@ -109,11 +111,12 @@ def test_evaluation_under_ddp_equals_single_process(archive, tmp_path):
     results = []
     for nproc in (1, 2):
         p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={nproc}", str(script), str(tmp_path / "run")],
+                            f"--nproc_per_node={nproc}", str(script), str(tmp_path / "run"),
+                            str(tmp_path / "eval")],
                            env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
-        results.append([json.loads(line) for line in p.stdout.splitlines()
-                        if line.startswith("{")])
+        results.append([json.loads((tmp_path / f"eval-{nproc}-{r}.json").read_text())
+                        for r in range(nproc)])
     single, (r0, r1) = results[0][0], sorted(results[1], key=lambda d: d["rank"])
     for r in (r0, r1):  # both ranks report exactly what one process reports
         assert r["correct"] == single["correct"] and r["n"] == 2300

@@ -25,7 +25,7 @@ from torch import nn
 
 from .datasets import MEAN, STD
 from .errors import CifarError
-from .inference import TTA_VIEWS, Classifier
+from .inference import TTA_VIEWS, Classifier, as_batch, read_images
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 META_KEY = "cifarcnn.json"  # TorchScript extra file / ONNX metadata key
@@ -149,24 +149,12 @@ class Exported:
         if tta not in (None, True, self.tta):
             raise CifarError(f"{self.path}: an exported file has its TTA ({self.tta}) built "
                              "in; export again with the TTA you want")
-        x = np.ascontiguousarray(images, dtype=np.uint8)
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[1:] != (32, 32, 3):
-            raise CifarError(f"images must be uint8 of shape (N, 32, 32, 3), got {x.shape}")
+        x = as_batch(images).numpy()
         return np.concatenate([self._run(x[i:i + 1000]) for i in range(0, len(x), 1000)]
                               or [np.zeros((0, len(self.classes)), np.float32)])
 
     def predict_files(self, paths) -> np.ndarray:
-        from .datasets import decode_image
-
-        batch = []
-        for p in paths:
-            try:
-                batch.append(decode_image(Path(p).read_bytes(), str(p)))
-            except OSError as e:
-                raise CifarError(f"{p}: cannot read the image ({e.strerror})") from None
-        return self.predict(np.stack(batch))
+        return self.predict(read_images(paths))
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray,
                  tta: str | bool | None = None) -> dict[str, Any]:

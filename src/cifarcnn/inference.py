@@ -155,7 +155,7 @@ class Classifier:
 
     def logits(self, images: np.ndarray | torch.Tensor,
                tta: str | bool | None = None) -> torch.Tensor:
-        x = _as_batch(images)
+        x = as_batch(images)
         return logits_of(self.model, x, device=self.device, precision=self.precision,
                          batch_size=self.batch_size, channels_last=self.channels_last,
                          tta=tta_mode(tta, self.tta))
@@ -170,14 +170,7 @@ class Classifier:
 
     def predict_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """Probabilities for image files of any size or mode (converted to 32x32 RGB)."""
-        batch = []
-        for p in paths:
-            try:
-                data = Path(p).read_bytes()
-            except OSError as e:
-                raise CifarError(f"{p}: cannot read the image ({e.strerror})") from None
-            batch.append(decode_image(data, str(p)))
-        return self.predict(np.stack(batch))
+        return self.predict(read_images(paths))
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray,
                  tta: str | bool | None = None) -> dict[str, Any]:
@@ -188,7 +181,19 @@ class Classifier:
                                tta=tta_mode(tta, self.tta))
 
 
-def _as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+def read_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
+    """Image files of any size or mode as one uint8 (N, 32, 32, 3) batch."""
+    batch = []
+    for p in paths:
+        try:
+            data = Path(p).read_bytes()
+        except OSError as e:
+            raise CifarError(f"{p}: cannot read the image ({e.strerror})") from None
+        batch.append(decode_image(data, str(p)))
+    return np.stack(batch)
+
+
+def as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
     if x.ndim == 3:
         x = x[None]
