@@ -14,34 +14,56 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-PAD = 4
+PAD = 4  # the classic recipe's translation; models' recipes may choose another
 
 
 @dataclass
 class EpochPlan:
     order: torch.Tensor  # permutation of the training indices
-    dx: torch.Tensor  # crop offsets in [0, 2*PAD], per position in `order`
+    dx: torch.Tensor  # crop offsets in [0, 2*translate], per position in `order`
     dy: torch.Tensor
     flip: torch.Tensor  # bool
 
 
-def epoch_plan(n: int, seed: int, epoch: int, augment: bool = True) -> EpochPlan:
-    """The same (seed, epoch) gives the same plan on every machine and every rank."""
+def epoch_plan(n: int, seed: int, epoch: int, augment: bool = True, translate: int = PAD,
+               flip: str = "random", shrink: int = 0) -> EpochPlan:
+    """The same (seed, epoch) gives the same plan on every machine and every rank.
+
+    flip="alternate" (airbench's trick) draws one coin per image for the whole
+    run and mirrors exactly the other half of the images every odd epoch, so
+    any two consecutive epochs show each image both ways: less repetition
+    than independent coins, which matters when a run lasts a few epochs.
+    `shrink` > 0 plans crops that many pixels smaller than the images (see
+    TrainConfig.low_res): their offsets range over the extra room too.
+    """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g)
     if augment:
-        dx = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
-        dy = torch.randint(0, 2 * PAD + 1, (n,), generator=g)
-        flip = torch.rand(n, generator=g) < 0.5
+        dx = torch.randint(0, 2 * translate + shrink + 1, (n,), generator=g)
+        dy = torch.randint(0, 2 * translate + shrink + 1, (n,), generator=g)
+        if flip == "alternate":
+            base = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+            flips = base[order] ^ bool(epoch % 2)
+        else:
+            flips = torch.rand(n, generator=g) < 0.5
     else:
-        dx = dy = torch.full((n,), PAD)
-        flip = torch.zeros(n, dtype=torch.bool)
-    return EpochPlan(order, dx, dy, flip)
+        dx = dy = torch.full((n,), translate + shrink // 2)
+        flips = torch.zeros(n, dtype=torch.bool)
+    return EpochPlan(order, dx, dy, flips)
 
 
-def pad_images(images: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, C) uint8 -> (N, H+8, W+8, C), zero border, done once per run."""
-    return F.pad(images, (0, 0, PAD, PAD, PAD, PAD))
+def pad_images(images: torch.Tensor, pad: int = PAD, mode: str = "zeros") -> torch.Tensor:
+    """(N, H, W, C) uint8 -> (N, H+2pad, W+2pad, C), done once per run.
+
+    mode "zeros" gives black borders; "reflect" mirrors the edge pixels, so a
+    translated image never shows a border the test images lack.
+    """
+    if mode == "zeros":
+        return F.pad(images, (0, 0, pad, pad, pad, pad))
+    h, w = images.shape[1:3]
+    rows = _reflect(torch.arange(-pad, h + pad, device=images.device), h)
+    cols = _reflect(torch.arange(-pad, w + pad, device=images.device), w)
+    return images.index_select(1, rows).index_select(2, cols)
 
 
 def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,

@@ -53,8 +53,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="model constructor argument, VALUE in JSON (e.g. channels=[32,64,128])")
     p.add_argument("--epochs", type=int, help="epochs (paper-cnn: 25, as the paper)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"])
-    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--optimizer", choices=["sgd", "adamw", "muon"],
+                   help="muon: orthogonalised steps for conv filters, SGD for the rest (fast)")
+    p.add_argument("--lr", type=float, help="peak learning rate (muon: the filters' rate)")
     p.add_argument("--momentum", type=float)
     p.add_argument("--schedule", choices=["onecycle", "cosine", "constant"],
                    help="LR schedule after the linear warm-up")
@@ -72,6 +73,16 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="NHWC memory layout (default on: faster on CPU and CUDA)")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random crop and flip")
+    p.add_argument("--translate", type=int, metavar="PX",
+                   help="random translation of up to PX pixels (paper-cnn: 4, fast: 2)")
+    p.add_argument("--low-res", type=int, metavar="PX",
+                   help="progressive resizing: train the first --low-res-epochs on PXxPX crops")
+    p.add_argument("--low-res-epochs", type=int, metavar="N")
+    p.add_argument("--pad-mode", choices=["zeros", "reflect"],
+                   help="border filling for translations (paper-cnn: zeros, fast: reflect)")
+    p.add_argument("--flip", choices=["random", "alternate"],
+                   help="random: a coin per image and epoch; alternate: each image mirrored "
+                   "every other epoch (fast)")
     p.add_argument("--data", help="CIFAR-10 archive or folder (default: $CIFAR10_DATA, then "
                    "the cache folder)")
     p.add_argument("--download", action="store_true",
@@ -164,7 +175,8 @@ def _config_from_flags(a: argparse.Namespace):
         batch_size=a.batch_size, optimizer=a.optimizer,
         lr=a.lr, momentum=a.momentum, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
         weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, tta=a.tta,
-        seed=a.seed,
+        translate=a.translate, pad_mode=a.pad_mode, low_res=a.low_res,
+        low_res_epochs=a.low_res_epochs, flip=a.flip, seed=a.seed,
         device=a.device, precision=a.precision, channels_last=a.channels_last,
         augment=a.augment, data=a.data, download=a.download, out=a.out,
         limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images,

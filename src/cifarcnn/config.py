@@ -27,11 +27,19 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 1.0,
     "label_smoothing": 0.0,
     "tta": "none",
+    "tta_every_epoch": True,
+    "low_res": 0,
+    "low_res_epochs": 0,
+    "translate": 4,
+    "pad_mode": "zeros",
+    "flip": "random",
 }
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "muon")  # muon: see optim.py
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PAD_MODES = ("zeros", "reflect")
+FLIP_MODES = ("random", "alternate")  # see augment.epoch_plan
 TTA_MODES = ("none", "flip", "flip-shift")  # the views are defined in inference.TTA_VIEWS
 EXEC_MODES = ("eager", "compile", "trace", "script")  # see modes.py
 
@@ -50,6 +58,12 @@ class TrainConfig:
     warmup_epochs: float | None = None
     label_smoothing: float | None = None
     tta: str | None = None  # test-time augmentation for validation and for the saved weights
+    tta_every_epoch: bool | None = None  # False: plain-view validation until the last epoch
+    low_res: int | None = None  # > 0: the first low_res_epochs train on crops this size
+    low_res_epochs: int | None = None
+    translate: int | None = None  # random crops move images by up to this many pixels
+    pad_mode: str | None = None  # what fills the border uncovered by a translation
+    flip: str | None = None  # random: a coin per image and epoch; alternate: see augment.py
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -83,11 +97,18 @@ class TrainConfig:
         for name, value, choices in (("optimizer", c.optimizer, OPTIMIZERS),
                                      ("schedule", c.schedule, SCHEDULES),
                                      ("tta", c.tta, TTA_MODES),
+                                     ("pad-mode", c.pad_mode, PAD_MODES),
+                                     ("flip", c.flip, FLIP_MODES),
                                      ("mode", c.mode, EXEC_MODES)):
             if value not in choices:
                 raise CifarError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
         if c.epochs < 1 or c.batch_size < 1:
             raise CifarError("--epochs and --batch-size must be at least 1")
+        if not 0 <= c.translate <= 8:
+            raise CifarError(f"--translate {c.translate}: choose 0 to 8 pixels")
+        if c.low_res and not (8 <= c.low_res <= 32 and 0 <= c.low_res_epochs < c.epochs):
+            raise CifarError(f"--low-res {c.low_res} for {c.low_res_epochs} epochs: choose a "
+                             "crop of 8 to 32 pixels for fewer epochs than --epochs")
         if c.lr <= 0:
             raise CifarError(f"--lr {c.lr}: must be positive")
         if c.checkpoint_every < 0:

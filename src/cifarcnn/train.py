@@ -34,15 +34,37 @@ from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
 from .inference import autocast, evaluate_arrays, input_dtype
 from .models import build_model, count_parameters
+from .optim import MuonSGD
 from .weights import save_weights
 
 HOLDOUT_SEED = 1234  # fixed: the same --holdout N always holds out the same images
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on weights only: decaying biases (and norm scales) only costs accuracy."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+def make_optimizer(model: nn.Module, cfg: TrainConfig,
+                   global_batch: int) -> torch.optim.Optimizer:
+    """Weight decay on weights only: decaying biases (and norm scales) only costs accuracy.
+
+    --optimizer muon: a model may say how its parameters split into groups
+    (`optimizer_groups`, see models/fast.py); otherwise every trainable conv
+    filter takes Muon steps at --lr and the rest Nesterov SGD at --lr.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        if hasattr(model, "optimizer_groups"):
+            groups = model.optimizer_groups(global_batch, cfg.lr)
+        else:
+            filters = [p for p in trainable if p.ndim == 4]
+            if not filters:
+                raise CifarError(f"--optimizer muon: model {cfg.model} has no conv filters "
+                                 "for Muon; use sgd or adamw")
+            others = [p for p in trainable if p.ndim != 4]
+            groups = [{"params": filters, "muon": True},
+                      {"params": [p for p in others if p.ndim > 1],
+                       "weight_decay": cfg.weight_decay},
+                      {"params": [p for p in others if p.ndim <= 1]}]
+        return MuonSGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum)
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel for all parameters instead of a few ops per tensor (CPU and CUDA)
@@ -55,7 +77,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LR multiplier per step: linear warm-up from 0.1x, then linear (onecycle) or cosine to 0."""
+    """LR multiplier per step: linear warm-up from 0.1x, then linear (onecycle) or cosine to 0.
+
+    A parameter group with `stop_epochs` decays linearly to 0 by then instead
+    (fast's whitening bias, which only needs adjusting early on).
+    """
     total = cfg.epochs * steps_per_epoch
     warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
 
@@ -67,7 +93,25 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
         t = (step - warm) / max(1, total - warm)
         return 1.0 - t if cfg.schedule == "onecycle" else 0.5 * (1.0 + math.cos(math.pi * t))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    def until(stop_steps: int):
+        return lambda step: max(0.0, 1.0 - step / stop_steps)
+
+    lambdas = [until(int(g["stop_epochs"] * steps_per_epoch)) if g.get("stop_epochs")
+               else factor for g in opt.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+def freeze_finished_groups(opt: torch.optim.Optimizer, epoch: int) -> None:
+    """Parameters whose group stopped (`stop_epochs`) no longer need gradients at all.
+
+    Besides the optimizer work, this spares the backward pass of whatever
+    feeds them: for fast's whitening bias, the first conv's input gradient.
+    """
+    for g in opt.param_groups:
+        if g.get("stop_epochs") and epoch >= g["stop_epochs"]:
+            for p in g["params"]:
+                p.requires_grad_(False)
+                p.grad = None
 
 
 def split_data(data: CifarData, cfg: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -218,11 +262,11 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[world.local_rank] if device == "cuda" else None)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, cfg.batch_size * world.size)
 
     x_train = torch.from_numpy(splits["train"][0]).to(device)
     y_train = torch.from_numpy(splits["train"][1]).to(device)
-    padded = augment.pad_images(x_train)
+    padded = augment.pad_images(x_train, cfg.translate, cfg.pad_mode)
     x_val, y_val = (torch.from_numpy(a) for a in splits["val"])
     mean = torch.tensor(MEAN, device=device)
     std = torch.tensor(STD, device=device)
@@ -307,7 +351,13 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     with checkpoint.StopSignals() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            plan = augment.epoch_plan(n, cfg.seed, epoch, cfg.augment)
+            if world.size == 1:  # DDP expects the same parameters to get gradients each step
+                freeze_finished_groups(opt, epoch)
+            # Progressive resizing: early epochs see smaller crops at a fraction of the cost
+            # (conv time scales with pixels); the net ends in a global pool, so any size fits.
+            size = cfg.low_res if cfg.low_res and epoch < cfg.low_res_epochs else 32
+            plan = augment.epoch_plan(n, cfg.seed, epoch, cfg.augment, cfg.translate, cfg.flip,
+                                      shrink=32 - size)
             order, dx, dy, flip = (t.to(device) for t in (plan.order, plan.dx, plan.dy, plan.flip))
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
@@ -325,7 +375,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             for s in range(first, steps):
                 sl = distributed.shard(s * global_bs, min(n, (s + 1) * global_bs), world)
                 idx = order[sl]
-                x = augment.crop_flip(padded, idx, dx[sl], dy[sl], flip[sl])
+                x = augment.crop_flip(padded, idx, dx[sl], dy[sl], flip[sl], size)
                 x = augment.normalize(x, mean, std, cfg.channels_last, in_dtype)
                 y = y_train[idx]
                 with autocast(device, precision):
@@ -369,9 +419,12 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             totals = distributed.all_reduce_sum(
                 torch.stack([loss_sum.double(), correct.double(), seen.double()]), world)
             train_loss, n_seen = float(totals[0] / totals[2]), int(totals[2])
+            # A many-view TTA costs more than a short recipe's epoch: such recipes check
+            # intermediate epochs on the plain view only, and apply the TTA at the end.
+            tta = cfg.tta if cfg.tta_every_epoch or epoch + 1 == cfg.epochs else "none"
             val = evaluate_arrays(eval_net, x_val, y_val, device=device, precision=precision,
                                   batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
-                                  tta=cfg.tta, world=world)
+                                  tta=tta, world=world)
             row = {"epoch": epoch + 1, "train_loss": train_loss,
                    "train_accuracy": float(totals[1] / totals[2]), "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "val_accuracy_no_tta": val["accuracy_no_tta"],
@@ -386,7 +439,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                     if key != "epoch":
                         board.add_scalar(key, value, epoch + 1)
                 board.flush()
-            tta_note = f" ({val['accuracy_no_tta']:.2%} no TTA)" if cfg.tta != "none" else ""
+            tta_note = f" ({val['accuracy_no_tta']:.2%} no TTA)" if tta != "none" else ""
             log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {train_loss:.4f} acc "
                 f"{row['train_accuracy']:.2%}  val loss {val['loss']:.4f} acc "
                 f"{val['accuracy']:.2%}{tta_note}  {epoch_seconds:5.1f}s  "
