@@ -189,9 +189,11 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
 
     if a.target is not None and not 0 < a.target <= 1:
         raise CifarError(f"--target {a.target}: give an accuracy between 0 and 1 (e.g. 0.91)")
-    overrides = {"device": a.device, "mode": a.mode}
-    if a.epochs:
-        overrides["epochs"] = a.epochs
+    overrides = {"device": a.device, "mode": a.mode,
+                 "model_kwargs": _parse_model_args(a.model_arg)}
+    for key in ("epochs", "batch_size", "low_res", "low_res_epochs"):
+        if getattr(a, key) is not None:
+            overrides[key] = getattr(a, key)
     out = time_to_accuracy(a.model, a.runs, data_path=a.data, target=a.target,
                            overrides=overrides, keep=Path(a.keep) if a.keep else None,
                            log=lambda m: print(m, flush=True))
@@ -376,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="report when the mean validation accuracy first reached ACC (0-1)")
     tb.add_argument("--json", metavar="FILE", help="write the results as JSON")
     tb.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    tb.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="model constructor argument, VALUE in JSON (e.g. widths=[64,256,256])")
+    tb.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    tb.add_argument("--low-res", type=int, metavar="PX", help="override the recipe's "
+                    "progressive resizing (0: off)")
+    tb.add_argument("--low-res-epochs", type=int, metavar="N")
     tb.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     tb.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"])
     tb.add_argument("--keep", metavar="DIR", help="keep the run folders here")

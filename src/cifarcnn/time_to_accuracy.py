@@ -28,30 +28,34 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
                      data_path: str | None = None, target: float | None = None,
                      overrides: dict[str, Any] | None = None, keep: Path | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train `runs` seeds; returns {"runs": [...], "mean": ..., "target": ...}."""
-    from .train import train
+    """Train `runs` seeds; returns {"runs": [...], "mean": ..., "target": ...}.
+
+    The runs form a `cifarcnn experiment` folder (`keep`, or a temporary one),
+    so a kept benchmark feeds `cifarcnn results` and `cifarcnn report`, and an
+    interrupted one continues where it stopped.
+    """
+    from .experiment import run_experiment
 
     if runs < 1:
         raise CifarError(f"--runs {runs}: must be at least 1")
-    data = data or load_cifar10(data_path, verbose=True)
-    results, histories = [], []
+    cfg = TrainConfig(model=model, data=data_path, **(overrides or {}))
     with tempfile.TemporaryDirectory(prefix="cifarcnn-tta-bench-") as tmp:
-        root = keep or Path(tmp)
-        for seed in range(runs):
-            run = root / f"{model}-seed-{seed}"
-            s = train(TrainConfig(model=model, seed=seed, out=str(run), **(overrides or {})),
-                      data=data, quiet=True)
-            hist = _history(run)
-            histories.append(hist)
-            results.append({"seed": seed, "accuracy": s["val_accuracy_no_tta"],
-                            "tta_accuracy": s["val_accuracy"], "tta": s["tta"],
-                            "train_seconds": s["train_seconds"],
-                            "setup_seconds": s["setup_seconds"], "epochs": s["epochs"],
-                            "device": s["device"], "precision": s["precision"],
-                            "mode": s["mode"]})
-            log(f"seed {seed}: accuracy {s['val_accuracy_no_tta']:.2%}, with TTA "
-                f"({s['tta']}) {s['val_accuracy']:.2%}, {s['train_seconds']:.1f}s training"
-                + (f" (+{s['setup_seconds']:.1f}s set-up)" if s["setup_seconds"] else ""))
+        root = keep or Path(tmp) / "exp"
+        data = data or load_cifar10(data_path, verbose=True)
+        summaries = run_experiment(cfg, runs, root, data=data, quiet=True)
+        histories = [_history(root / s["run"]) for s in summaries]
+    results = []
+    for seed, s in enumerate(summaries):
+        results.append({"seed": s["seed"], "accuracy": s["val_accuracy_no_tta"],
+                        "tta_accuracy": s["val_accuracy"], "tta": s["tta"],
+                        "train_seconds": s["train_seconds"],
+                        "setup_seconds": s["setup_seconds"], "epochs": s["epochs"],
+                        "device": s["device"], "precision": s["precision"],
+                        "mode": s["mode"], "cpu": s["cpu"], "threads": s["threads"],
+                        "torch": s["torch"]})
+        log(f"seed {seed}: accuracy {s['val_accuracy_no_tta']:.2%}, with TTA "
+            f"({s['tta']}) {s['val_accuracy']:.2%}, {s['train_seconds']:.1f}s training"
+            + (f" (+{s['setup_seconds']:.1f}s set-up)" if s["setup_seconds"] else ""))
     out: dict[str, Any] = {"model": model, "runs": results, "mean": {}}
     for key in ("accuracy", "tta_accuracy", "train_seconds"):
         values = [r[key] for r in results]
