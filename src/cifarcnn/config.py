@@ -106,9 +106,12 @@ class TrainConfig:
             raise CifarError("--epochs and --batch-size must be at least 1")
         if not 0 <= c.translate <= 8:
             raise CifarError(f"--translate {c.translate}: choose 0 to 8 pixels")
-        if c.low_res and not (8 <= c.low_res <= 32 and 0 <= c.low_res_epochs < c.epochs):
+        if c.low_res and not (8 <= c.low_res <= 32 and c.low_res_epochs >= 0):
             raise CifarError(f"--low-res {c.low_res} for {c.low_res_epochs} epochs: choose a "
-                             "crop of 8 to 32 pixels for fewer epochs than --epochs")
+                             "crop of 8 to 32 pixels and a number of epochs >= 0")
+        # the last epoch always sees whole images: BatchNorm statistics and the head must
+        # end on the size the model is evaluated at (a short --epochs shortens the low part)
+        c.low_res_epochs = min(c.low_res_epochs, c.epochs - 1)
         if c.lr <= 0:
             raise CifarError(f"--lr {c.lr}: must be positive")
         if c.checkpoint_every < 0:
