@@ -137,6 +137,31 @@ def test_resume_in_process_from_every_epoch_end_is_exact(tmp_path):
     assert again == s
 
 
+def test_fast_recipe_resumes_exactly_after_its_whitening_bias_froze(tmp_path):
+    # fast's recipe changes course mid-run: 24x24 crops until epoch 3, then whole images,
+    # and the whitening bias stops training after epoch 3; a resume in epoch 4 must
+    # rebuild all of that from the checkpoint and the config alone.
+    data = tiny_data(200, 50)
+    cfg = dict(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=5, batch_size=50,
+               precision="fp32", checkpoint_every=3)
+    train(TrainConfig(**cfg, out=str(tmp_path / "ref")), data=data, quiet=True)
+    run = tmp_path / "cut"
+    real_save = checkpoint.save
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["epoch"] == 3 and state["step"] > 0:
+            raise KeyboardInterrupt
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**cfg, out=str(run)), data=data, quiet=True)
+    mp.undo()
+    assert resume(run, data=data, quiet=True)["resumed"] is True
+    assert _same(_weights(run), _weights(tmp_path / "ref"))
+
+
 def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_ce = torch.nn.functional.cross_entropy

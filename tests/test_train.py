@@ -96,7 +96,7 @@ def test_real_archive_has_the_official_split(real_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["paper-cnn", "paper-mlp"])
+@pytest.mark.parametrize("model", ["paper-cnn", "paper-mlp", "fast"])
 def test_shipped_weights_reach_their_recorded_accuracy(real_data, model):
     from cifarcnn.weights import REPO_WEIGHTS
 

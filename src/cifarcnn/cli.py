@@ -191,7 +191,7 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
         raise CifarError(f"--target {a.target}: give an accuracy between 0 and 1 (e.g. 0.91)")
     overrides = {"device": a.device, "mode": a.mode,
                  "model_kwargs": _parse_model_args(a.model_arg)}
-    for key in ("epochs", "batch_size", "low_res", "low_res_epochs"):
+    for key in ("epochs", "batch_size", "lr", "low_res", "low_res_epochs"):
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
     out = time_to_accuracy(a.model, a.runs, data_path=a.data, target=a.target,
@@ -381,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="model constructor argument, VALUE in JSON (e.g. widths=[64,256,256])")
     tb.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    tb.add_argument("--lr", type=float, help="override the recipe's learning rate")
     tb.add_argument("--low-res", type=int, metavar="PX", help="override the recipe's "
                     "progressive resizing (0: off)")
     tb.add_argument("--low-res-epochs", type=int, metavar="N")
