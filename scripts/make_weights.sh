@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Re-make the shipped weights: train each model with its default recipe, seed 0, on the
 # real data, then copy the weights and the run's summary to weights/<model>.*.
-# Usage: bash scripts/make_weights.sh [MODEL...]   (default: paper-cnn paper-mlp)
+# Usage: bash scripts/make_weights.sh [MODEL...]   (default: paper-cnn paper-mlp fast)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CIFAR10_DATA=${CIFAR10_DATA:-$(cd .. && pwd)/shared/data/cifar10-jpeg.tar.gz}
-for model in "${@:-paper-cnn paper-mlp}"; do
+for model in "${@:-paper-cnn paper-mlp fast}"; do
   for m in $model; do
     run=runs/ship-$m-$(date +%Y%m%d-%H%M%S)
     cmd="cifarcnn train --model $m --seed 0 --out $run"
