@@ -71,6 +71,9 @@ def test_shift_view_moves_content_and_reflects_the_border():
     assert torch.equal(v[0, 1:, 1:], img[0, :-1, :-1])  # moved down-right by one pixel
     assert torch.equal(v[0, 0, 1:], img[0, 1, :-1])  # border row filled by reflection
     assert torch.equal(augment.view(img, True, 0)[0], img[0].flip(1))
+    v = augment.view(img, flip=False, shift=(0, -2))  # columns only, two pixels left
+    assert torch.equal(v[0, :, :-2], img[0, :, 2:])
+    assert torch.equal(v[0, :, -1], img[0, :, -3])  # reflected right border
 
 
 def test_orthogonalize_flattens_the_spectrum():
@@ -102,6 +105,21 @@ def test_muon_sgd_groups_match_torch_sgd_and_muon_steps_are_orthogonal():
         s = torch.linalg.svdvals(step)
         assert s.min() > 0.5 and s.max() < 1.5
         assert torch.allclose(normalised.norm(), torch.tensor(4.0))
+
+
+def test_model_args_set_the_muon_group(monkeypatch):
+    m = build_model("fast", widths=[8, 16, 16], muon_momentum=0.75, ns_steps=5)
+    muon = m.optimizer_groups(100, 0.1)[0]
+    assert muon["muon"] and muon["momentum"] == 0.75 and muon["ns_steps"] == 5
+    seen = []
+    real = orthogonalize
+    monkeypatch.setattr("cifarcnn.optim.orthogonalize",
+                        lambda g, steps: seen.append(steps) or real(g, steps))
+    opt = MuonSGD(m.optimizer_groups(100, 0.1))
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert seen and set(seen) == {5}  # the optimizer runs the iterations the model asks for
 
 
 def test_alternating_flips_mirror_each_image_every_other_epoch():
@@ -157,6 +175,34 @@ def test_the_whitening_bias_trains_for_its_epochs_only():
     assert not model.whiten.bias.requires_grad and model.groups[0].conv1.weight.requires_grad
 
 
+def test_freeze_first_group_stops_its_training_and_its_backward(tmp_path):
+    model = build_model("fast", widths=[8, 16, 16])
+    groups = model.optimizer_groups(100, 0.1)
+    assert len(groups) == 4 and not any(g.get("stop_epochs") == 2 for g in groups)
+    s = train(TrainConfig(model="fast", epochs=3, batch_size=50, low_res=0,
+                          model_kwargs={"widths": [8, 16, 16], "freeze_first_group": 2},
+                          out=str(tmp_path / "r")), data=tiny_data(), quiet=True)
+    assert s["epochs"] == 3
+    ckpt = torch.load(tmp_path / "r" / "ckpt-last.pt", weights_only=False)
+    opt = ckpt["optimizer"]
+    early = [g for g in opt["param_groups"] if g.get("stop_epochs") == 2]
+    assert [g["muon"] for g in early] == [True, False]  # the first group's filters, biases
+    model = build_model("fast", widths=[8, 16, 16], freeze_first_group=2)
+    first = {id(p) for p in model.groups[0].parameters() if p.requires_grad}
+    stopped = [p for g in model.optimizer_groups(100, 0.1) if g.get("stop_epochs") == 2
+               for p in g["params"]]
+    assert {id(p) for p in stopped} == first  # every trainable weight of group 1, no other
+    # its rate reached 0 at the end of epoch 2: the third epoch left it untouched
+    assert all(g["lr"] == 0.0 for g in early)
+    net = build_model("fast", widths=[8, 16, 16], freeze_first_group=2)
+    opt2 = make_optimizer(net, TrainConfig(model="fast").resolved(), global_batch=100)
+    freeze_finished_groups(opt2, epoch=2)
+    x = torch.randn(4, 3, 32, 32)
+    F.cross_entropy(net(x), torch.zeros(4, dtype=torch.long)).backward()
+    assert all(p.grad is None for p in net.groups[0].parameters())
+    assert net.groups[1].conv1.weight.grad is not None
+
+
 def test_one_epoch_on_a_balanced_5000_image_subset_beats_50_percent(real_data, tmp_path):
     # The recipe's batch of 500 would make this 10 steps; at 100 it is 50, and the
     # per-image rates of the recipe (models/fast.py) keep every other setting as it is.
@@ -188,3 +234,25 @@ def test_time_to_accuracy_benchmark_prints_the_table_and_writes_json(tmp_path):
     table = subprocess.run([sys.executable, "-m", "cifarcnn", "results",
                             str(tmp_path / "kept")], capture_output=True, text=True)
     assert table.returncode == 0 and "2 of 2 runs finished" in table.stdout
+
+
+def test_tta_views_benchmark_scores_the_recipe_views_as_training_does(tmp_path):
+    from formats import make_split, python_archive
+
+    arc = python_archive(tmp_path / "cifar-10-python.tar.gz", *make_split(100))
+    s = train(TrainConfig(model="fast", epochs=1, batch_size=100, data=str(arc),
+                          model_kwargs={"widths": [8, 16, 16]}, out=str(tmp_path / "r")),
+              quiet=True)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tta_views.py"), "--data",
+                        str(arc), "--weights", str(tmp_path / "r"), str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {line[:42].strip(): line[42:].split() for line in r.stdout.splitlines()[1:]}
+    assert rows["flip-shift (the recipe's: diagonal 1 px)"][0] == "6"
+    assert rows["all 8 1 px shifts"][0] == "18"
+    # the recipe's view set, rebuilt from single views, scores what training reported
+    # (up to one of the 100 test images: the sums are taken in another order)
+    got = float(rows["flip-shift (the recipe's: diagonal 1 px)"][-1].rstrip("%"))
+    assert abs(got - 100 * s["val_accuracy"]) <= 1.0
+    single = float(rows["none (single view)"][1].rstrip("%"))
+    assert abs(single - 100 * s["val_accuracy_no_tta"]) <= 1.0

@@ -83,17 +83,19 @@ def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dx: torch.Tensor, dy: tor
     return padded.reshape(n * h * w, c).index_select(0, flat).view(len(idx), size, size, c)
 
 
-def view(images: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
+def view(images: torch.Tensor, flip: bool, shift: int | tuple[int, int]) -> torch.Tensor:
     """One test-time view of uint8 NHWC images: mirrored and/or moved `shift` pixels.
 
-    The translation moves content down-right (shift > 0) or up-left (< 0) by
-    |shift| pixels on both axes, filling the uncovered border by reflection,
-    so no view shows black bars the network never saw in training.
+    An int shift moves content down-right (> 0) or up-left (< 0) by that many
+    pixels on both axes; a (rows, cols) pair moves each axis on its own. The
+    uncovered border is filled by reflection, so no view shows black bars the
+    network never saw in training.
     """
-    if shift:
+    dy, dx = (shift, shift) if isinstance(shift, int) else shift
+    if dy or dx:
         h, w = images.shape[1:3]
-        rows = _reflect(torch.arange(h, device=images.device) - shift, h)
-        cols = _reflect(torch.arange(w, device=images.device) - shift, w)
+        rows = _reflect(torch.arange(h, device=images.device) - dy, h)
+        cols = _reflect(torch.arange(w, device=images.device) - dx, w)
         images = images.index_select(1, rows).index_select(2, cols)
     return images.flip(2) if flip else images
 

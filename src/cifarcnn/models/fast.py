@@ -32,7 +32,7 @@ RECIPE = {
     "batch_size": 500,
     "optimizer": "muon",
     "lr": 0.12,  # Muon step on the renormalised filters; airbench: 0.24 at 4x our batch
-    "momentum": 0.85,  # SGD groups; Muon's own momentum is MUON_MOMENTUM
+    "momentum": 0.85,  # SGD groups; Muon's own momentum is the model's muon_momentum
     "weight_decay": 0.0,  # per group below
     "schedule": "onecycle",  # with no warm-up: a straight decay from full rate to 0
     "warmup_epochs": 0.0,
@@ -47,7 +47,6 @@ RECIPE = {
 }
 
 PATCH = 2  # the whitening layer sees 2x2 patches: 12 input dimensions
-MUON_MOMENTUM = 0.6
 # Per-image rates of the SGD groups: a group's step is rate x global batch, so changing
 # --batch-size keeps the step per image (the sum-of-losses convention). Weight decay is
 # per image too: each step shrinks these parameters by decay x batch x (lr factor).
@@ -80,8 +79,14 @@ class ConvGroup(nn.Module):
 
 class FastNet(nn.Module):
     def __init__(self, widths: tuple[int, int, int] = (48, 192, 256), num_classes: int = 10,
-                 bn_momentum: float = 0.4) -> None:
+                 bn_momentum: float = 0.4, muon_momentum: float = 0.6, ns_steps: int = 3,
+                 freeze_first_group: int = 0) -> None:
+        """`muon_momentum`, `ns_steps` (Newton-Schulz iterations) and `freeze_first_group`
+        shape the groups `optimizer_groups` returns: they live here so `--model-arg`
+        reaches them and the weights' metadata records them."""
         super().__init__()
+        self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
+        self.freeze_first_group = freeze_first_group
         dims = 3 * PATCH * PATCH
         self.whiten = nn.Conv2d(3, 2 * dims, PATCH, padding=0)
         self.whiten.weight.requires_grad_(False)
@@ -116,18 +121,38 @@ class FastNet(nn.Module):
     def optimizer_groups(self, global_batch: int, lr: float) -> list[dict[str, Any]]:
         """MuonSGD groups: filters by Muon at `lr`; biases and head by SGD, per-image rates.
 
-        `stop_epochs` ends a group's schedule early (its rate decays to 0 there).
+        `stop_epochs` ends a group's schedule early (its rate decays to 0 there,
+        then its parameters stop taking gradients). With `freeze_first_group` = E
+        the first conv group stops at epoch E, as in FreezeOut (Brock et al.,
+        2017): the backward pass then ends at the second group, sparing the
+        most expensive full-resolution layers' gradients (~23% of a 32x32 step).
         """
         filters = [p for p in self.groups.parameters() if p.ndim == 4]
         biases = [p for n, p in self.groups.named_parameters() if "norm" in n and p.requires_grad]
+        first = {id(p) for p in self.groups[0].parameters()}
+        stop = self.freeze_first_group
+
+        def split(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+            if not stop:
+                return [], params
+            return [p for p in params if id(p) in first], [p for p in params if id(p) not in first]
+
+        def muon(params: list[nn.Parameter], **extra: Any) -> dict[str, Any]:
+            return {"params": params, "lr": lr, "muon": True, "momentum": self.muon_momentum,
+                    "ns_steps": self.ns_steps, **extra}
 
         def sgd(params: list[nn.Parameter], rate: float, **extra: Any) -> dict[str, Any]:
             step = rate * global_batch
             return {"params": params, "lr": step, "weight_decay": DECAY / rate, **extra}
 
-        return [{"params": filters, "lr": lr, "muon": True, "momentum": MUON_MOMENTUM},
-                sgd([self.whiten.bias], BIAS_LR, stop_epochs=WHITEN_BIAS_EPOCHS),
-                sgd(biases, BIAS_LR), sgd([self.head.weight], HEAD_LR)]
+        early_filters, filters = split(filters)
+        early_biases, biases = split(biases)
+        groups = [muon(filters), sgd([self.whiten.bias], BIAS_LR, stop_epochs=WHITEN_BIAS_EPOCHS),
+                  sgd(biases, BIAS_LR), sgd([self.head.weight], HEAD_LR)]
+        if stop:
+            groups += [muon(early_filters, stop_epochs=stop),
+                       sgd(early_biases, BIAS_LR, stop_epochs=stop)]
+        return groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))
