@@ -125,8 +125,10 @@ def test_evaluation_under_ddp_equals_single_process(archive, tmp_path):
 
 
 def test_distributed_run_resumes_to_identical_weights(archive, tmp_path):
+    # with loss-based selection in epochs 2 and 3: the ranks share their losses each epoch
+    # and must agree on the chosen images, after a resume too
     common = [*ARGS, "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "5",
-              "--data", str(archive)]
+              "--select-fraction", "0.5", "--select-from-epoch", "1", "--data", str(archive)]
     ref = _torchrun(2, [*common, "--out", str(tmp_path / "ref")], tmp_path / "home")
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "cut"

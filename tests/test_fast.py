@@ -162,17 +162,34 @@ def test_the_whitening_bias_trains_for_its_epochs_only():
     model = build_model("fast", widths=[8, 16, 16])
     cfg = TrainConfig(model="fast").resolved()
     opt = make_optimizer(model, cfg, global_batch=100)
-    sched = make_schedule(opt, cfg, steps_per_epoch=10)
+    sched = make_schedule(opt, cfg, epoch_steps=[10] * cfg.epochs)
     whiten = next(g for g in opt.param_groups if g.get("stop_epochs"))
     assert whiten["params"] == [model.whiten.bias] and whiten["stop_epochs"] == 3
     for _ in range(30):
         opt.step()
         sched.step()
-    assert whiten["lr"] == 0.0 and opt.param_groups[0]["lr"] > 0  # 30 of 80 steps done
+    assert whiten["lr"] == 0.0 and opt.param_groups[0]["lr"] > 0  # 30 of 60 steps done
     freeze_finished_groups(opt, epoch=2)
     assert model.whiten.bias.requires_grad
     freeze_finished_groups(opt, epoch=3)
     assert not model.whiten.bias.requires_grad and model.groups[0].conv1.weight.requires_grad
+
+
+def test_the_schedule_counts_the_steps_of_shorter_selected_epochs():
+    # with --select-fraction the later epochs are shorter: the decay still ends at the last
+    # step, and a group's stop_epochs still means the end of that epoch
+    model = build_model("fast", widths=[8, 16, 16])
+    cfg = TrainConfig(model="fast", epochs=5).resolved()
+    opt = make_optimizer(model, cfg, global_batch=100)
+    sched = make_schedule(opt, cfg, epoch_steps=[10, 10, 10, 4, 4])
+    whiten = next(g for g in opt.param_groups if g.get("stop_epochs"))
+    rates = []
+    for _ in range(38):
+        opt.step()
+        sched.step()
+        rates.append((whiten["lr"], opt.param_groups[0]["lr"]))
+    assert rates[28][0] > 0 and rates[29][0] == 0.0  # the whitening bias: 3 epochs, 30 steps
+    assert rates[36][1] > 0 and rates[37][1] == 0.0  # everything else: 38 steps
 
 
 def test_freeze_first_group_stops_its_training_and_its_backward(tmp_path):

@@ -6,6 +6,7 @@ import torch
 from conftest import fake_images
 
 import cifarcnn
+from cifarcnn import augment
 from cifarcnn.config import TrainConfig
 from cifarcnn.datasets import CLASSES, CifarData
 from cifarcnn.errors import CifarError
@@ -109,6 +110,48 @@ def test_shipped_weights_reach_their_recorded_accuracy(real_data, model):
 
 def test_bad_config_values_are_clear_errors():
     for kwargs, needle in (({"optimizer": "lbfgs"}, "--optimizer"), ({"lr": -1.0}, "--lr"),
-                           ({"precision": "int4"}, "--precision"), ({"epochs": 0}, "--epochs")):
+                           ({"precision": "int4"}, "--precision"), ({"epochs": 0}, "--epochs"),
+                           ({"select_fraction": 1.5}, "--select-fraction"),
+                           ({"select_fraction": 0.5, "select_from_epoch": 0},
+                            "--select-fraction")):
         with pytest.raises(CifarError, match=needle):
             TrainConfig(**kwargs).resolved()
+
+
+def test_hardest_picks_the_highest_losses_and_the_plan_keeps_each_images_crop():
+    losses = torch.tensor([0.5, 2.0, float("inf"), 0.1, 2.0, 1.0])
+    chosen = augment.hardest(losses, 3)
+    assert chosen.tolist() == [False, True, True, False, True, False]
+    assert augment.hardest(losses, 2).tolist() == [False, True, True, False, False, False]
+    plan = augment.epoch_plan(6, seed=3, epoch=1, translate=2, flip="alternate")
+    sub = plan.subset(chosen)
+    keep = chosen[plan.order]
+    assert sorted(sub.order.tolist()) == [1, 2, 4]
+    assert sub.order.tolist() == [i for i in plan.order.tolist() if chosen[i]]
+    for field in ("dx", "dy", "flip"):
+        assert torch.equal(getattr(sub, field), getattr(plan, field)[keep])
+
+
+def test_selection_trains_later_epochs_on_the_remembered_hardest(tmp_path, monkeypatch):
+    seen = []  # (remembered losses, chosen mask) at the start of each selecting epoch
+    real = augment.hardest
+
+    def spy(losses, k):
+        chosen = real(losses, k)
+        seen.append((losses.clone(), chosen))
+        return chosen
+
+    monkeypatch.setattr(augment, "hardest", spy)
+    s = train(TrainConfig(model="paper-cnn", epochs=4, batch_size=32, select_fraction=0.4,
+                          select_from_epoch=2, out=str(tmp_path / "r")),
+              data=tiny_data(), quiet=True)
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in metrics.splitlines()]
+    assert [r["train_images"] for r in rows] == [200, 200, 80, 80]
+    assert s["images_trained_on"] == 560 and s["train_images"] == 200
+    (before, chosen), (after, _) = seen
+    assert torch.isfinite(before).all()  # epochs 0 and 1 trained on every image
+    assert chosen.sum() == 80 and before[chosen].min() >= before[~chosen].max()
+    # epoch 2 updated the memory of the images it trained on, and only theirs
+    assert torch.equal(after[~chosen], before[~chosen])
+    assert not torch.equal(after[chosen], before[chosen])

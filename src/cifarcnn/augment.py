@@ -24,6 +24,12 @@ class EpochPlan:
     dy: torch.Tensor
     flip: torch.Tensor  # bool
 
+    def subset(self, chosen: torch.Tensor) -> EpochPlan:
+        """The plan restricted to the images where `chosen` (a mask over all images) is
+        True, in the same order, each keeping its crop and flip."""
+        keep = chosen[self.order]
+        return EpochPlan(self.order[keep], self.dx[keep], self.dy[keep], self.flip[keep])
+
 
 def epoch_plan(n: int, seed: int, epoch: int, augment: bool = True, translate: int = PAD,
                flip: str = "random", shrink: int = 0) -> EpochPlan:
@@ -118,3 +124,15 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     x.sub_(mean * 255.0).div_(std * 255.0)  # in place: one fresh buffer, not three
     x = x.permute(0, 3, 1, 2)
     return x if channels_last else x.contiguous()
+
+
+def hardest(losses: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k images with the highest remembered loss (ties: the lower index first).
+
+    The stable sort makes the choice a function of `losses` alone, so a resumed
+    run and every DDP rank pick exactly the same images.
+    """
+    top = torch.sort(losses, descending=True, stable=True).indices[:k]
+    chosen = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)
+    chosen[top] = True
+    return chosen

@@ -78,6 +78,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-res", type=int, metavar="PX",
                    help="progressive resizing: train the first --low-res-epochs on PXxPX crops")
     p.add_argument("--low-res-epochs", type=int, metavar="N")
+    p.add_argument("--select-fraction", type=float, metavar="F",
+                   help="from --select-from-epoch on, train each epoch on the fraction F of "
+                   "images with the highest loss when last seen (fast: 0.7)")
+    p.add_argument("--select-from-epoch", type=int, metavar="E",
+                   help="the first epoch (counted from 0) that selects; default 1")
     p.add_argument("--pad-mode", choices=["zeros", "reflect"],
                    help="border filling for translations (paper-cnn: zeros, fast: reflect)")
     p.add_argument("--flip", choices=["random", "alternate"],
@@ -177,6 +182,7 @@ def _config_from_flags(a: argparse.Namespace):
         weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, tta=a.tta,
         translate=a.translate, pad_mode=a.pad_mode, low_res=a.low_res,
         low_res_epochs=a.low_res_epochs, flip=a.flip, seed=a.seed,
+        select_fraction=a.select_fraction, select_from_epoch=a.select_from_epoch,
         device=a.device, precision=a.precision, channels_last=a.channels_last,
         augment=a.augment, data=a.data, download=a.download, out=a.out,
         limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images,
@@ -191,7 +197,8 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
         raise CifarError(f"--target {a.target}: give an accuracy between 0 and 1 (e.g. 0.91)")
     overrides = {"device": a.device, "mode": a.mode,
                  "model_kwargs": _parse_model_args(a.model_arg)}
-    for key in ("epochs", "batch_size", "lr", "low_res", "low_res_epochs"):
+    for key in ("epochs", "batch_size", "lr", "low_res", "low_res_epochs", "select_fraction",
+                "select_from_epoch"):
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
     out = time_to_accuracy(a.model, a.runs, data_path=a.data, target=a.target,
@@ -385,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--low-res", type=int, metavar="PX", help="override the recipe's "
                     "progressive resizing (0: off)")
     tb.add_argument("--low-res-epochs", type=int, metavar="N")
+    tb.add_argument("--select-fraction", type=float, metavar="F",
+                    help="override the recipe's loss-based selection (1: off)")
+    tb.add_argument("--select-from-epoch", type=int, metavar="E")
     tb.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     tb.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"])
     tb.add_argument("--keep", metavar="DIR", help="keep the run folders here")

@@ -33,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "translate": 4,
     "pad_mode": "zeros",
     "flip": "random",
+    "select_fraction": 1.0,
+    "select_from_epoch": 1,
 }
 OPTIMIZERS = ("sgd", "adamw", "muon")  # muon: see optim.py
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -64,6 +66,10 @@ class TrainConfig:
     translate: int | None = None  # random crops move images by up to this many pixels
     pad_mode: str | None = None  # what fills the border uncovered by a translation
     flip: str | None = None  # random: a coin per image and epoch; alternate: see augment.py
+    # < 1: from epoch select_from_epoch (counted from 0) on, each epoch trains on this fraction
+    # of the images, those with the highest loss when last seen (see train.epoch_sizes)
+    select_fraction: float | None = None
+    select_from_epoch: int | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -112,6 +118,10 @@ class TrainConfig:
         # the last epoch always sees whole images: BatchNorm statistics and the head must
         # end on the size the model is evaluated at (a short --epochs shortens the low part)
         c.low_res_epochs = min(c.low_res_epochs, c.epochs - 1)
+        if not 0 < c.select_fraction <= 1 or c.select_from_epoch < 1:
+            raise CifarError(f"--select-fraction {c.select_fraction} from epoch "
+                             f"{c.select_from_epoch}: choose a fraction in (0, 1] and a first "
+                             "epoch >= 1 (the first epoch sees every image once)")
         if c.lr <= 0:
             raise CifarError(f"--lr {c.lr}: must be positive")
         if c.checkpoint_every < 0:

@@ -75,15 +75,30 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig,
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), fused=fused)
 
 
+def epoch_images(n: int, cfg: TrainConfig) -> list[int]:
+    """Images each epoch trains on: all n, then a fraction once loss-based selection starts.
+
+    Selection (`--select-fraction F`) spends the step budget where the loss
+    is: after the first epoch(s), each epoch trains only on the fraction F of
+    the images with the highest loss when last seen, an idea from selective
+    backprop (Jiang et al., 2019), but with the losses the training forward
+    pass already computed, so choosing costs no extra pass.
+    """
+    chosen = max(1, round(n * cfg.select_fraction))
+    return [n if e < cfg.select_from_epoch else chosen for e in range(cfg.epochs)]
+
+
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
-                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+                  epoch_steps: list[int]) -> torch.optim.lr_scheduler.LambdaLR:
     """LR multiplier per step: linear warm-up from 0.1x, then linear (onecycle) or cosine to 0.
 
-    A parameter group with `stop_epochs` decays linearly to 0 by then instead
-    (fast's whitening bias, which only needs adjusting early on).
+    `epoch_steps` is the number of steps of each epoch (they differ when
+    selection shortens later epochs); warm-up epochs count in first-epoch steps.
+    A parameter group with `stop_epochs` decays linearly to 0 by the end of
+    that epoch instead (fast's whitening bias, which only needs adjusting early on).
     """
-    total = cfg.epochs * steps_per_epoch
-    warm = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    total = sum(epoch_steps)
+    warm = min(int(cfg.warmup_epochs * epoch_steps[0]), total - 1)
 
     def factor(step: int) -> float:
         if cfg.schedule == "constant":
@@ -96,7 +111,12 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
     def until(stop_steps: int):
         return lambda step: max(0.0, 1.0 - step / stop_steps)
 
-    lambdas = [until(int(g["stop_epochs"] * steps_per_epoch)) if g.get("stop_epochs")
+    def steps_until(epochs: float) -> int:
+        whole = int(epochs)
+        part = epochs - whole
+        return sum(epoch_steps[:whole]) + (int(part * epoch_steps[whole]) if part else 0)
+
+    lambdas = [until(steps_until(g["stop_epochs"])) if g.get("stop_epochs")
                else factor for g in opt.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
@@ -215,6 +235,8 @@ def resume(run_dir: str | os.PathLike, data_path: str | None = None,
     saved = ckpt["config"] if ckpt else json.loads((run / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    if "select_fraction" not in saved:  # recorded before selection existed: it did not select
+        cfg.select_fraction = 1.0
     if data_path:
         cfg.data = data_path
     cfg.out = str(run)
@@ -276,9 +298,15 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             cfg.seed))[:5000].to(device)]
         model.init_from_data(augment.normalize(sample, mean, std, channels_last=False))
     n, bs = len(y_train), cfg.batch_size
-    steps = distributed.global_steps(n, bs, world)
+    counts = epoch_images(n, cfg)
+    epoch_steps = [distributed.global_steps(count, bs, world) for count in counts]
+    first_steps = [sum(epoch_steps[:e]) for e in range(cfg.epochs)]  # global step numbers
     global_bs = bs * world.size
-    sched = make_schedule(opt, cfg, steps)
+    sched = make_schedule(opt, cfg, epoch_steps)
+    # Loss-based selection remembers each image's loss when last trained on; an image not
+    # seen yet counts as hardest. Only the loss values move between ranks, once an epoch.
+    selecting = cfg.select_fraction < 1
+    remembered = torch.full((n,), math.inf, device=device) if selecting else None
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     # Traced and scripted graphs get their bf16 casts from the JIT's autocast pass, which
     # expects fp32 inputs; eager and compiled models take bf16 images directly.
@@ -289,9 +317,12 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         t0 = time.perf_counter()
         net = modes.wrap(net, cfg.mode, example)
         _warm_up(net, model, example, device, precision)
-        last = distributed.shard((steps - 1) * global_bs, n, world)
-        if last.stop - last.start != len(example):  # the epoch's short last batch: a new shape
-            _warm_up(net, model, example[:last.stop - last.start], device, precision)
+        short = set()  # the epochs' short last batches: new shapes
+        for count, k in zip(counts, epoch_steps, strict=True):
+            last = distributed.shard((k - 1) * global_bs, count, world)
+            short.add(last.stop - last.start)
+        for length in sorted(short - {len(example)}):
+            _warm_up(net, model, example[:length], device, precision)
         setup_seconds = time.perf_counter() - t0
         log(f"--mode {cfg.mode}: {setup_seconds:.1f}s one-time set-up "
             "(compile/trace, not counted as training time)")
@@ -308,6 +339,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         history, train_seconds = ckpt["history"], ckpt["train_seconds"]
+        if selecting:
+            remembered = ckpt["remembered_losses"].to(device)
         start_epoch, start_step, partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
         checkpoint.set_rng_state(ckpt["rng_ranks"][world.rank])
         if partial is not None:
@@ -320,11 +353,13 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     board = _tensorboard(run, start_epoch) if cfg.tensorboard and world.main else None
 
     params = count_parameters(model)
+    select_note = (f" | from epoch {cfg.select_from_epoch + 1}: the hardest "
+                   f"{cfg.select_fraction:.0%}" if selecting else "")
     log(f"{cfg.model}: {params:,} parameters | {n:,} train / {len(y_val):,} "
         f"{'holdout' if cfg.holdout else 'test'} images | {device} {precision}"
         f"{' channels_last' if cfg.channels_last else ''} | batch {bs}"
         f"{f' x {world.size} processes' if world.size > 1 else ''} | {cfg.epochs} epochs"
-        f" | run dir {run}")
+        f"{select_note} | run dir {run}")
     if ckpt is not None:
         log(f"resuming from {run / checkpoint.LAST}: epoch {start_epoch + 1}, step {start_step}")
 
@@ -339,6 +374,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                  "rng_ranks": rngs, "epoch": epoch, "step": step,
                  "partial": None if parts is None else {"ranks": parts},
                  "history": history, "train_seconds": train_seconds, "config": cfg.to_dict(),
+                 "remembered_losses": remembered,
                  "world_size": world.size}
         checkpoint.save(run / checkpoint.LAST, state)
         if step == 0 and history and history[-1]["val_accuracy"] >= max(
@@ -346,7 +382,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             checkpoint.save(run / checkpoint.BEST, state)
 
     every = cfg.checkpoint_every or 0
-    guard = FiniteGuard(device, first_step=start_epoch * steps + start_step)
+    guard = FiniteGuard(device, epoch_steps, first_step=first_steps[start_epoch] + start_step
+                        if start_epoch < cfg.epochs else sum(epoch_steps))
     t_start = time.perf_counter()
     with checkpoint.StopSignals() as stop:
         for epoch in range(start_epoch, cfg.epochs):
@@ -358,6 +395,13 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             size = cfg.low_res if cfg.low_res and epoch < cfg.low_res_epochs else 32
             plan = augment.epoch_plan(n, cfg.seed, epoch, cfg.augment, cfg.translate, cfg.flip,
                                       shrink=32 - size)
+            count, steps = counts[epoch], epoch_steps[epoch]
+            if selecting:
+                fresh = torch.zeros((2, n), device=device)  # loss, was-trained, this epoch
+            if selecting and epoch >= cfg.select_from_epoch:
+                # the choice depends on the losses remembered at the epoch's start only, so
+                # a run resumed mid-epoch makes it again identically
+                plan = plan.subset(augment.hardest(remembered, count).cpu())
             order, dx, dy, flip = (t.to(device) for t in (plan.order, plan.dx, plan.dy, plan.flip))
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
@@ -368,19 +412,26 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                 loss_sum += partial["loss_sum"]
                 correct += partial["correct"]
                 seen += partial["seen"]
-            bar = tqdm(total=n, initial=min(n, first * global_bs),
+                if selecting:
+                    fresh.copy_(partial["fresh"])
+            bar = tqdm(total=count, initial=min(count, first * global_bs),
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img", leave=False,
                        disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
             t0 = time.perf_counter()
             for s in range(first, steps):
-                sl = distributed.shard(s * global_bs, min(n, (s + 1) * global_bs), world)
+                sl = distributed.shard(s * global_bs, min(count, (s + 1) * global_bs), world)
                 idx = order[sl]
                 x = augment.crop_flip(padded, idx, dx[sl], dy[sl], flip[sl], size)
                 x = augment.normalize(x, mean, std, cfg.channels_last, in_dtype)
                 y = y_train[idx]
                 with autocast(device, precision):
                     logits = net(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    losses = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing,
+                                             reduction="none")
+                    loss = losses.mean()
+                if selecting:
+                    fresh[0, idx] = losses.detach().float()
+                    fresh[1, idx] = 1.0
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -391,21 +442,24 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                 loss_sum += loss.float() * len(idx)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(idx)
-                bar.update(min(n, (s + 1) * global_bs) - s * global_bs)
+                bar.update(min(count, (s + 1) * global_bs) - s * global_bs)
                 if s % 20 == 0 and bar.disable is False:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
-                done = epoch * steps + s + 1
+                done = first_steps[epoch] + s + 1
                 signum = _agreed_signal(stop.signum, world, device)
                 mid_save = (every and done % every == 0) or signum is not None
                 if guard.full() or (mid_save and s + 1 < steps):
-                    guard.check(steps, run)
+                    guard.check(run)
                 if mid_save and s + 1 < steps:
                     if device == "cuda":
                         torch.cuda.synchronize()
                     epoch_seconds += time.perf_counter() - t0
                     train_seconds += time.perf_counter() - t0
-                    save_checkpoint(epoch, s + 1, {"loss_sum": loss_sum, "correct": correct,
-                                                   "seen": seen, "seconds": epoch_seconds})
+                    part = {"loss_sum": loss_sum, "correct": correct, "seen": seen,
+                            "seconds": epoch_seconds}
+                    if selecting:
+                        part["fresh"] = fresh
+                    save_checkpoint(epoch, s + 1, part)
                     if signum is not None:
                         bar.close()
                         raise _interrupted(signum, run, epoch, s + 1)
@@ -415,7 +469,11 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             epoch_seconds += time.perf_counter() - t0
             train_seconds += time.perf_counter() - t0
             bar.close()
-            guard.check(steps, run)
+            guard.check(run)
+            if selecting:
+                # ranks trained on disjoint images: their sums are everyone's losses
+                fresh = distributed.all_reduce_sum(fresh, world)
+                remembered = torch.where(fresh[1] > 0, fresh[0], remembered)
             totals = distributed.all_reduce_sum(
                 torch.stack([loss_sum.double(), correct.double(), seen.double()]), world)
             train_loss, n_seen = float(totals[0] / totals[2]), int(totals[2])
@@ -428,7 +486,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             row = {"epoch": epoch + 1, "train_loss": train_loss,
                    "train_accuracy": float(totals[1] / totals[2]), "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "val_accuracy_no_tta": val["accuracy_no_tta"],
-                   "seconds": epoch_seconds, "images_per_second": n_seen / epoch_seconds,
+                   "train_images": n_seen, "seconds": epoch_seconds,
+                   "images_per_second": n_seen / epoch_seconds,
                    "lr": sched.get_last_lr()[0]}
             history.append(row)
             if world.main:
@@ -464,7 +523,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         "val_correct": round(last["val_accuracy"] * len(y_val)), "val_images": len(y_val),
         "best_val_accuracy": max(r["val_accuracy"] for r in history),
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
-        "images_per_second": n * cfg.epochs / train_seconds, "train_images": n,
+        "images_per_second": sum(counts) / train_seconds, "train_images": n,
+        "images_trained_on": sum(counts),
         "processes": world.size, "global_batch_size": global_bs, "mode": cfg.mode,
         "setup_seconds": setup_seconds,
         "parameters": params, "device": device, "precision": precision,
@@ -558,9 +618,11 @@ class FiniteGuard:
     checkpoint.
     """
 
-    def __init__(self, device: str, first_step: int = 0, size: int = 50) -> None:
+    def __init__(self, device: str, epoch_steps: list[int], first_step: int = 0,
+                 size: int = 50) -> None:
         self.window = torch.zeros(size, device=device)
         self.count = 0
+        self.epoch_steps = epoch_steps
         self.first_step = first_step  # global step of window[0]
 
     def record(self, loss: torch.Tensor) -> None:
@@ -570,15 +632,19 @@ class FiniteGuard:
     def full(self) -> bool:
         return self.count == len(self.window)
 
-    def check(self, steps: int, run: Path) -> None:
+    def check(self, run: Path) -> None:
         bad = (~torch.isfinite(self.window[:self.count])).nonzero()
         if len(bad):
             step = self.first_step + int(bad[0])
+            epoch, batch = 0, step
+            while epoch + 1 < len(self.epoch_steps) and batch >= self.epoch_steps[epoch]:
+                batch -= self.epoch_steps[epoch]
+                epoch += 1
             value = float(self.window[int(bad[0])])
             kept = (f"the last good checkpoint {run / checkpoint.LAST} is kept"
                     if (run / checkpoint.LAST).exists() else "no checkpoint had been written")
             raise CifarError(f"training loss is {value} at step {step + 1} (epoch "
-                             f"{step // steps + 1}, batch {step % steps + 1}); stopped, {kept}. "
+                             f"{epoch + 1}, batch {batch + 1}); stopped, {kept}. "
                              "Lower --lr, or train in --precision fp32")
         self.first_step += self.count
         self.count = 0

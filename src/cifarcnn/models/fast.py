@@ -13,7 +13,9 @@ statistics fast (momentum 0.4), which suits a schedule of a few hundred steps.
 Training (RECIPE, see optim.py): Muon for the conv filters, Nesterov SGD for
 biases and head, a linear decay to zero, label smoothing, alternating flips
 and 2-pixel reflected translations, progressive resizing (24x24 crops for
-the first half), and test-time flips and shifts. Widths (airbench uses
+the first 3 of 7 epochs), loss-based selection (the last 4 epochs train on
+the 70% of images that had the highest loss when last seen), and
+test-time flips and shifts. Widths (airbench uses
 64/256/256), batch size and epochs were chosen by measurement on the 2-core
 CPU, where a narrower net trained longer beat a wide one trained briefly at
 equal time (README, "Fast recipe"; benchmarks/time_to_accuracy.py).
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 RECIPE = {
-    "epochs": 6,
+    "epochs": 7,
     "batch_size": 500,
     "optimizer": "muon",
     "lr": 0.12,  # Muon step on the renormalised filters; airbench: 0.24 at 4x our batch
@@ -44,6 +46,8 @@ RECIPE = {
     "flip": "alternate",
     "low_res": 24,  # the first 3 epochs train on 24x24 crops: 0.6x the time per epoch
     "low_res_epochs": 3,
+    "select_fraction": 0.7,  # epochs 4-7 train on the 70% of images with the highest loss
+    "select_from_epoch": 3,
 }
 
 PATCH = 2  # the whitening layer sees 2x2 patches: 12 input dimensions
