@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 from test_train import tiny_data
@@ -59,6 +61,20 @@ def test_experiment_with_other_settings_is_refused(tmp_path, data):
     run_experiment(TrainConfig(**CFG), 1, tmp_path / "e", data=data, quiet=True)
     with pytest.raises(Exception, match="other settings"):
         run_experiment(TrainConfig(epochs=3, batch_size=64), 1, tmp_path / "e", data=data,
+                       quiet=True)
+
+
+def test_experiment_recorded_before_a_setting_existed_is_continued(tmp_path, data):
+    run_experiment(TrainConfig(**CFG), 1, tmp_path / "e", data=data, quiet=True)
+    meta = tmp_path / "e" / "experiment.json"
+    spec = json.loads(meta.read_text())
+    for key in ("select_fraction", "select_from_epoch"):  # added in a later version
+        del spec["config"][key]
+    meta.write_text(json.dumps(spec))
+    assert len(run_experiment(TrainConfig(**CFG), 1, tmp_path / "e", data=data,
+                              quiet=True)) == 1
+    with pytest.raises(Exception, match="select_fraction"):
+        run_experiment(TrainConfig(**CFG, select_fraction=0.5), 1, tmp_path / "e", data=data,
                        quiet=True)
 
 

@@ -47,9 +47,13 @@ def run_experiment(cfg: TrainConfig, runs: int, out: Path, data: CifarData | Non
                        if k not in ("seed", "out", "data")}}
     if (out / META).is_file():
         old = json.loads((out / META).read_text())
-        if old["config"] != spec["config"]:
+        # a setting added after the experiment was recorded matches when left at its default
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        recorded = {**{k: defaults.get(k) for k in spec["config"] if k not in old["config"]},
+                    **old["config"]}
+        if recorded != spec["config"]:
             raise CifarError(f"--out {out}: holds an experiment with other settings "
-                             f"({_diff(old['config'], spec['config'])}); choose another --out")
+                             f"({_diff(recorded, spec['config'])}); choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise CifarError(f"--out {out}: exists and is not an experiment folder; choose another")
     out.mkdir(parents=True, exist_ok=True)
