@@ -67,7 +67,7 @@ class TrainConfig:
     pad_mode: str | None = None  # what fills the border uncovered by a translation
     flip: str | None = None  # random: a coin per image and epoch; alternate: see augment.py
     # < 1: from epoch select_from_epoch (counted from 0) on, each epoch trains on this fraction
-    # of the images, those with the highest loss when last seen (see train.epoch_sizes)
+    # of the images, those with the highest loss when last seen (see train.epoch_images)
     select_fraction: float | None = None
     select_from_epoch: int | None = None
     seed: int = 0
