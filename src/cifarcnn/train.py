@@ -258,6 +258,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     log = (lambda *a, **k: None) if quiet else functools.partial(print, flush=True)
     device, precision = cfg.device, cfg.precision
     if cfg.deterministic:
+        if device == "cuda":  # cuBLAS repeats its sums exactly only with a fixed workspace
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     splits = split_data(data, cfg)
