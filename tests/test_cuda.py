@@ -90,3 +90,10 @@ def test_shipped_weights_on_cuda_match_their_cpu_record(real_data, model):
     correct = int((probs.argmax(1) == real_data.test_labels).sum())
     # other kernels, other roundings: a handful of the 10,000 answers may flip
     assert abs(correct - record["val_correct"]) <= 20, (correct, record["val_correct"])
+
+
+def test_cuda_script_mode_trains_in_fp32(tmp_path):
+    s = train(TrainConfig(model="paper-cnn", epochs=1, batch_size=64, device="cuda",
+                          mode="script", out=str(tmp_path / "r")), data=tiny_data(200, 50),
+              quiet=True)
+    assert s["mode"] == "script" and s["precision"] == "fp32"

@@ -155,3 +155,27 @@ def test_selection_trains_later_epochs_on_the_remembered_hardest(tmp_path, monke
     # epoch 2 updated the memory of the images it trained on, and only theirs
     assert torch.equal(after[~chosen], before[~chosen])
     assert not torch.equal(after[chosen], before[chosen])
+
+
+def test_sgd_is_not_fused_under_fp16s_grad_scaler():
+    # fused SGD on CUDA moves its momentum on the steps the scaler skips (NaN a step later)
+    from cifarcnn.models import build_model
+    from cifarcnn.train import make_optimizer
+
+    model = build_model("paper-cnn")
+    for precision, fused in (("fp16", None), ("bf16", True), ("fp32", True)):
+        opt = make_optimizer(model, TrainConfig(optimizer="sgd", lr=0.01, momentum=0.9,
+                                                weight_decay=5e-4, precision=precision), 256)
+        assert opt.defaults["fused"] is fused, precision
+
+
+def test_script_mode_on_cuda_trains_in_fp32(monkeypatch):
+    # TorchScript's autocast fails in a scripted max-pool's backward on CUDA
+    from cifarcnn import config
+
+    monkeypatch.setattr(config, "resolve_device", lambda name: "cuda")
+    assert TrainConfig(mode="script", device="cuda").resolved().precision == "fp32"
+    assert TrainConfig(mode="trace", device="cuda", precision="bf16").resolved().precision \
+        == "bf16"
+    with pytest.raises(CifarError, match="--mode script --precision bf16: on CUDA"):
+        TrainConfig(mode="script", device="cuda", precision="bf16").resolved()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import modes
-from .config import TrainConfig, resolve_precision
+from .config import TrainConfig
 from .datasets import MEAN, STD, CifarData, load_cifar10
 from .errors import CifarError
 from .inference import autocast, input_dtype
@@ -121,7 +121,7 @@ def bench_modes(model: str = "paper-cnn", epochs: int = 25, runs: int = 2,
                         f"training (+{s['setup_seconds']:.1f}s set-up), val accuracy "
                         f"{s['val_accuracy']:.2%}")
                 clf = load(last_run, device=device, tta=False)
-                precision = resolve_precision("auto", device)
+                precision = s["precision"]  # infer as it trained (script on CUDA: fp32)
                 example = torch.zeros(8, 3, 32, 32, device=device)
                 if clf.channels_last:
                     clf.model = clf.model.to(memory_format=torch.channels_last)

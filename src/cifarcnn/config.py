@@ -97,6 +97,14 @@ class TrainConfig:
             if getattr(c, k) is None:
                 setattr(c, k, spec.recipe.get(k, v))
         c.device = resolve_device(c.device)
+        if c.mode == "script" and c.device == "cuda":
+            # TorchScript's autocast breaks the backward of a scripted max-pool on CUDA
+            # (a bf16/fp32 mismatch, seen with PyTorch 2.11 on an H100): train in fp32
+            if c.precision in ("bf16", "fp16"):
+                raise CifarError(f"--mode script --precision {c.precision}: on CUDA, "
+                                 "TorchScript's mixed precision fails in the backward pass; "
+                                 "use --precision fp32 with script, or --mode trace/compile")
+            c.precision = "fp32"
         c.precision = resolve_precision(c.precision, c.device)
         if c.channels_last is None:
             c.channels_last = True

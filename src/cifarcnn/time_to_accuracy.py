@@ -50,7 +50,8 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
                         "tta_accuracy": s["val_accuracy"], "tta": s["tta"],
                         "train_seconds": s["train_seconds"],
                         "setup_seconds": s["setup_seconds"], "epochs": s["epochs"],
-                        "device": s["device"], "precision": s["precision"],
+                        "device": s["device"], "device_name": s.get("device_name"),
+                        "precision": s["precision"],
                         "mode": s["mode"], "cpu": s["cpu"], "threads": s["threads"],
                         "torch": s["torch"]})
         log(f"seed {seed}: accuracy {s['val_accuracy_no_tta']:.2%}, with TTA "

@@ -70,8 +70,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig,
     # fused: one kernel for all parameters instead of a few ops per tensor (CPU and CUDA)
     fused = True if next(model.parameters()).device.type in ("cpu", "cuda") else None
     if cfg.optimizer == "sgd":
+        # Not under fp16's grad scaler: fused SGD on CUDA (PyTorch 2.11, seen on an H100)
+        # still moves its momentum on the overflow steps the scaler skips, and the run
+        # turns to NaN a step later; fused AdamW skips them properly.
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.momentum > 0, fused=fused)
+                               nesterov=cfg.momentum > 0,
+                               fused=None if cfg.precision == "fp16" else fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), fused=fused)
 
 
@@ -530,6 +534,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         "processes": world.size, "global_batch_size": global_bs, "mode": cfg.mode,
         "setup_seconds": setup_seconds,
         "parameters": params, "device": device, "precision": precision,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
         "channels_last": cfg.channels_last, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "resumed": ckpt is not None,
