@@ -273,3 +273,41 @@ def test_tta_views_benchmark_scores_the_recipe_views_as_training_does(tmp_path):
     assert abs(got - 100 * s["val_accuracy"]) <= 1.0
     single = float(rows["none (single view)"][1].rstrip("%"))
     assert abs(single - 100 * s["val_accuracy_no_tta"]) <= 1.0
+
+
+def test_lookahead_pulls_the_weights_back_to_their_slow_average():
+    from cifarcnn.optim import Lookahead
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    la = Lookahead(model, every=2, decay=0.9, total_steps=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()(torch.randn(8, 4))  # moves BatchNorm's running statistics too
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    la.after_step(1)  # not a multiple of every: nothing happens
+    assert all(torch.equal(model.state_dict()[k], moved[k]) for k in moved)
+    la.after_step(4)  # progress 1: d = 0.9**2, so the slow copy moves 19% of the way
+    d = 0.9 ** 2
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, d * start[k] + (1 - d) * moved[k])
+    with torch.no_grad():
+        model[0].weight.add_(5.0)
+    la.finish()
+    torch.testing.assert_close(model[0].weight, d * start["0.weight"] + (1 - d) * moved["0.weight"])
+
+
+def test_lookahead_with_zero_decay_changes_nothing_and_otherwise_it_does(tmp_path):
+    data = tiny_data(200, 50)
+    cfg = dict(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=2, batch_size=50,
+               precision="fp32")
+    runs = {}
+    for name, extra in (("off", {}), ("zero", {"lookahead": 2, "lookahead_decay": 0.0}),
+                        ("on", {"lookahead": 2, "lookahead_decay": 0.9})):
+        train(TrainConfig(**cfg, **extra, out=str(tmp_path / name)), data=data, quiet=True)
+        runs[name] = cifarcnn.load(tmp_path / name, tta=False).model.state_dict()
+    assert all(torch.equal(runs["off"][k], runs["zero"][k]) for k in runs["off"])
+    assert not all(torch.equal(runs["off"][k], runs["on"][k]) for k in runs["off"])

@@ -113,7 +113,8 @@ def test_bad_config_values_are_clear_errors():
                            ({"precision": "int4"}, "--precision"), ({"epochs": 0}, "--epochs"),
                            ({"select_fraction": 1.5}, "--select-fraction"),
                            ({"select_fraction": 0.5, "select_from_epoch": 0},
-                            "--select-fraction")):
+                            "--select-fraction"), ({"lookahead": -1}, "--lookahead"),
+                           ({"lookahead": 5, "lookahead_decay": 1.0}, "--lookahead")):
         with pytest.raises(CifarError, match=needle):
             TrainConfig(**kwargs).resolved()
 

@@ -83,6 +83,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    "images with the highest loss when last seen (fast: 0.7)")
     p.add_argument("--select-from-epoch", type=int, metavar="E",
                    help="the first epoch (counted from 0) that selects; default 1")
+    p.add_argument("--lookahead", type=int, metavar="K",
+                   help="Lookahead: every K steps the weights restart from a slow average "
+                   "of themselves, which the run ends on (0: off)")
+    p.add_argument("--lookahead-decay", type=float, metavar="D",
+                   help="the slow average's per-step decay at the end of the run; default 0.95")
     p.add_argument("--pad-mode", choices=["zeros", "reflect"],
                    help="border filling for translations (paper-cnn: zeros, fast: reflect)")
     p.add_argument("--flip", choices=["random", "alternate"],
@@ -183,6 +188,7 @@ def _config_from_flags(a: argparse.Namespace):
         translate=a.translate, pad_mode=a.pad_mode, low_res=a.low_res,
         low_res_epochs=a.low_res_epochs, flip=a.flip, seed=a.seed,
         select_fraction=a.select_fraction, select_from_epoch=a.select_from_epoch,
+        lookahead=a.lookahead, lookahead_decay=a.lookahead_decay,
         device=a.device, precision=a.precision, channels_last=a.channels_last,
         augment=a.augment, data=a.data, download=a.download, out=a.out,
         limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images,
@@ -198,7 +204,7 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
     overrides = {"device": a.device, "mode": a.mode,
                  "model_kwargs": _parse_model_args(a.model_arg)}
     for key in ("epochs", "batch_size", "lr", "low_res", "low_res_epochs", "select_fraction",
-                "select_from_epoch"):
+                "select_from_epoch", "lookahead"):
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
     out = time_to_accuracy(a.model, a.runs, data_path=a.data, target=a.target,
@@ -395,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--select-fraction", type=float, metavar="F",
                     help="override the recipe's loss-based selection (1: off)")
     tb.add_argument("--select-from-epoch", type=int, metavar="E")
+    tb.add_argument("--lookahead", type=int, metavar="K",
+                    help="override the recipe's Lookahead interval (0: off)")
     tb.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     tb.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"])
     tb.add_argument("--keep", metavar="DIR", help="keep the run folders here")

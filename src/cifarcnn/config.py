@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "flip": "random",
     "select_fraction": 1.0,
     "select_from_epoch": 1,
+    "lookahead": 0,
+    "lookahead_decay": 0.95,
 }
 OPTIMIZERS = ("sgd", "adamw", "muon")  # muon: see optim.py
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -70,6 +72,10 @@ class TrainConfig:
     # of the images, those with the highest loss when last seen (see train.epoch_images)
     select_fraction: float | None = None
     select_from_epoch: int | None = None
+    # > 0: Lookahead every this many steps, the slow weights' per-step decay lookahead_decay
+    # (see optim.Lookahead); the saved weights are the slow ones
+    lookahead: int | None = None
+    lookahead_decay: float | None = None
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -130,6 +136,9 @@ class TrainConfig:
             raise CifarError(f"--select-fraction {c.select_fraction} from epoch "
                              f"{c.select_from_epoch}: choose a fraction in (0, 1] and a first "
                              "epoch >= 1 (the first epoch sees every image once)")
+        if c.lookahead < 0 or not 0 <= c.lookahead_decay < 1:
+            raise CifarError(f"--lookahead {c.lookahead} --lookahead-decay {c.lookahead_decay}: "
+                             "choose every >= 0 steps (0: off) and a decay in [0, 1)")
         if c.lr <= 0:
             raise CifarError(f"--lr {c.lr}: must be positive")
         if c.checkpoint_every < 0:

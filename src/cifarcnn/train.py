@@ -34,7 +34,7 @@ from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
 from .inference import autocast, evaluate_arrays, input_dtype
 from .models import build_model, count_parameters
-from .optim import MuonSGD
+from .optim import Lookahead, MuonSGD
 from .weights import save_weights
 
 HOLDOUT_SEED = 1234  # fixed: the same --holdout N always holds out the same images
@@ -241,6 +241,8 @@ def resume(run_dir: str | os.PathLike, data_path: str | None = None,
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
     if "select_fraction" not in saved:  # recorded before selection existed: it did not select
         cfg.select_fraction = 1.0
+    if "lookahead" not in saved:  # likewise for Lookahead
+        cfg.lookahead = 0
     if data_path:
         cfg.data = data_path
     cfg.out = str(run)
@@ -339,6 +341,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
 
     history: list[dict[str, Any]] = []
     train_seconds, start_epoch, start_step, partial = 0.0, 0, 0, None
+    lookahead = (Lookahead(model, cfg.lookahead, cfg.lookahead_decay, sum(epoch_steps))
+                 if cfg.lookahead else None)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -348,6 +352,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         if selecting:
             remembered = ckpt["remembered_losses"].to(device)
         start_epoch, start_step, partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
+        if lookahead is not None:
+            lookahead.load_state_dict(ckpt["lookahead"])
         checkpoint.set_rng_state(ckpt["rng_ranks"][world.rank])
         if partial is not None:
             partial = partial["ranks"][world.rank]
@@ -381,6 +387,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                  "partial": None if parts is None else {"ranks": parts},
                  "history": history, "train_seconds": train_seconds, "config": cfg.to_dict(),
                  "remembered_losses": remembered,
+                 "lookahead": None if lookahead is None else lookahead.state_dict(),
                  "world_size": world.size}
         checkpoint.save(run / checkpoint.LAST, state)
         if step == 0 and history and history[-1]["val_accuracy"] >= max(
@@ -443,6 +450,9 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
+                done = first_steps[epoch] + s + 1
+                if lookahead is not None:
+                    lookahead.after_step(done)
                 loss = loss.detach()
                 guard.record(loss)
                 loss_sum += loss.float() * len(idx)
@@ -451,7 +461,6 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                 bar.update(min(count, (s + 1) * global_bs) - s * global_bs)
                 if s % 20 == 0 and bar.disable is False:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
-                done = first_steps[epoch] + s + 1
                 signum = _agreed_signal(stop.signum, world, device)
                 mid_save = (every and done % every == 0) or signum is not None
                 if guard.full() or (mid_save and s + 1 < steps):
@@ -470,6 +479,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                         bar.close()
                         raise _interrupted(signum, run, epoch, s + 1)
                     t0 = time.perf_counter()
+            if lookahead is not None and epoch + 1 == cfg.epochs:
+                lookahead.finish()  # the run ends on the slow weights
             if device == "cuda":
                 torch.cuda.synchronize()
             epoch_seconds += time.perf_counter() - t0
