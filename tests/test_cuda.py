@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_resume import train_killed_inside_epoch
 from test_train import tiny_data
 
 import cifarcnn
-from cifarcnn import checkpoint
 from cifarcnn.config import TrainConfig
 from cifarcnn.train import resume, train
 
@@ -43,18 +43,8 @@ def test_cuda_deterministic_runs_repeat_and_resume_exactly(tmp_path):
     assert s["device"] == "cuda" and s["precision"] in ("bf16", "fp16")
     assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
 
-    real_save = checkpoint.save
-
-    def save_then_die(path, state):  # inside epoch 4, a selected epoch
-        real_save(path, state)
-        if state["epoch"] == 3 and state["step"] > 0:
-            raise KeyboardInterrupt
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**FAST, out=str(tmp_path / "cut")), data=data, quiet=True)
-    mp.undo()
+    # killed inside epoch 4, a selected epoch
+    train_killed_inside_epoch(TrainConfig(**FAST, out=str(tmp_path / "cut")), data, epoch=3)
     assert resume(tmp_path / "cut", data=data, quiet=True)["resumed"] is True
     assert _same(_weights(tmp_path / "cut"), _weights(tmp_path / "a"))
     torch.use_deterministic_algorithms(False)

@@ -148,20 +148,27 @@ def test_fast_recipe_resumes_exactly_after_its_whitening_bias_froze(tmp_path):
                precision="fp32", checkpoint_every=2, lookahead=3)
     train(TrainConfig(**cfg, out=str(tmp_path / "ref")), data=data, quiet=True)
     run = tmp_path / "cut"
+    train_killed_inside_epoch(TrainConfig(**cfg, out=str(run)), data, epoch=3)
+    assert resume(run, data=data, quiet=True)["resumed"] is True
+    assert _same(_weights(run), _weights(tmp_path / "ref"))
+
+
+def train_killed_inside_epoch(cfg: TrainConfig, data, epoch: int) -> None:
+    """Train until the first mid-epoch checkpoint of `epoch` (from 0) is written, then die."""
     real_save = checkpoint.save
 
     def save_then_die(path, state):
         real_save(path, state)
-        if state["epoch"] == 3 and state["step"] > 0:
+        if state["epoch"] == epoch and state["step"] > 0:
             raise KeyboardInterrupt
 
     mp = pytest.MonkeyPatch()
     mp.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**cfg, out=str(run)), data=data, quiet=True)
-    mp.undo()
-    assert resume(run, data=data, quiet=True)["resumed"] is True
-    assert _same(_weights(run), _weights(tmp_path / "ref"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, data=data, quiet=True)
+    finally:
+        mp.undo()
 
 
 def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
