@@ -58,9 +58,21 @@ def step_time(widths: tuple[int, ...], batch: int, res: int, device: str, compil
     return best, (first - best) if compiled else 0.0
 
 
+def widths_arg(text: str) -> tuple[int, int, int]:
+    """'48,192,256' -> (48, 192, 256): the three groups' widths."""
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three positive widths, e.g. 48,192,256")
+    return widths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--widths", nargs="+", default=["48,192,256", "64,256,256", "32,128,256"])
+    ap.add_argument("--widths", nargs="+", type=widths_arg,
+                    default=[(48, 192, 256), (64, 256, 256), (32, 128, 256)])
     ap.add_argument("--batch", nargs="+", type=int, default=[500])
     ap.add_argument("--res", nargs="+", type=int, default=[32, 24])
     ap.add_argument("--steps", type=int, default=5)
@@ -72,8 +84,8 @@ def main() -> None:
     device = resolve_device(a.device)
     print(f"{'widths':<12} {'batch':>5} {'res':>4} {'mode':<8} {'ms/step':>8} {'img/s':>7} "
           f"{'s/epoch':>8} {'compile s':>9}")
-    for w in a.widths:
-        widths = tuple(int(v) for v in w.split(","))
+    for widths in a.widths:
+        w = ",".join(map(str, widths))
         for batch in a.batch:
             for res in a.res:
                 for compiled in (False, True) if a.compile else (False,):
@@ -84,10 +96,16 @@ def main() -> None:
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        widths = tuple(int(v) for v in a.widths[0].split(","))
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step_time(widths, a.batch[0], a.res[0], device, False, 2)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        # on a GPU also the kernels' own time: far below the step's wall time means the
+        # step is bound by launches and Python, not by the GPU's arithmetic
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda"
+                                               else [])
+        with profile(activities=activities) as prof:
+            step_time(a.widths[0], a.batch[0], a.res[0], device, False, 2)
+        table = prof.key_averages()
+        print(table.table(sort_by="self_cpu_time_total", row_limit=12))
+        if device == "cuda":
+            print(table.table(sort_by="self_device_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@
 #   modes    `bench modes` on CUDA: the paper's Fig. 2, 4 modes x 2 runs (~4 min)
 #   wide     the 20-minute CPU row's wider recipe, 3 seeds (~1 min)
 #   compile  the fast recipe under --mode compile, 3 seeds (over 2 min)
+#   profile  one fast training step, eager and compiled, with a CPU+CUDA profile (~1 min)
 # Each step has its own time limit and a failure does not stop the next one.
 set -u
 DATA=${1:?usage: device_check.sh DATA OUTDIR}
 OUT_DIR=${2:?usage: device_check.sh DATA OUTDIR}
 shift 2
-STEPS=" ${*:-tta tests modes wide compile} "
+STEPS=" ${*:-tta tests modes wide compile profile} "
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CIFAR10_DATA="$DATA"
 PY=${PYTHON:-python3}
@@ -25,7 +26,7 @@ LOG="$OUT_DIR/device_check.log"
 step() {  # step NAME SECONDS COMMAND...: runs unless NAME is a choosable step left out
     local name=$1 limit=$2
     shift 2
-    case " tta tests modes wide compile " in
+    case " tta tests modes wide compile profile " in
         *" $name "*) [[ $STEPS == *" $name "* ]] || return 0 ;;
     esac
     echo "=== $name (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
@@ -48,4 +49,6 @@ step wide 120 "$PY" benchmarks/time_to_accuracy.py --runs 3 --data "$DATA" \
 step compile 240 "$PY" benchmarks/time_to_accuracy.py --runs 3 --data "$DATA" \
     --device cuda --mode compile --target 0.89 \
     --json "$OUT_DIR/time-to-accuracy-cuda-compile.json"
+step profile 120 "$PY" benchmarks/fast_step.py --device cuda --widths 48,192,256 --res 32 24 \
+    --compile --profile
 echo "=== done $(date +%T)" | tee -a "$LOG"
