@@ -311,3 +311,16 @@ def test_lookahead_with_zero_decay_changes_nothing_and_otherwise_it_does(tmp_pat
         runs[name] = cifarcnn.load(tmp_path / name, tta=False).model.state_dict()
     assert all(torch.equal(runs["off"][k], runs["zero"][k]) for k in runs["off"])
     assert not all(torch.equal(runs["off"][k], runs["on"][k]) for k in runs["off"])
+
+
+def test_fast_step_benchmark_times_a_step_and_refuses_bad_widths():
+    script = str(ROOT / "benchmarks" / "fast_step.py")
+    r = subprocess.run([sys.executable, script, "--widths", "48"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "give three positive widths" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, script, "--widths", "8,16,16", "--batch", "8", "--res",
+                        "16", "--steps", "1", "--device", "cpu", "--profile"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "8,16,16" in r.stdout and "convolution" in r.stdout
