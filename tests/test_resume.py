@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import random
@@ -303,3 +304,21 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1))
     checkpoint.set_rng_state(checkpoint.load(tmp_path / "c.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_resume_of_a_run_recorded_before_a_setting_existed_trains_as_it_did(tmp_path):
+    # fast's recipe now selects; a run recorded before selection and Lookahead existed
+    # must resume without them, not pick them up from today's recipe
+    data = tiny_data(200, 50)
+    train(TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=5,
+                      batch_size=50, precision="fp32", select_fraction=1.0, lookahead=0,
+                      out=str(tmp_path / "ref")), data=data, quiet=True)
+    saved = json.loads((tmp_path / "ref" / "config.json").read_text())
+    for key in ("select_fraction", "select_from_epoch", "lookahead", "lookahead_decay"):
+        del saved[key]
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**saved, "out": str(run)}))
+    s = resume(run, data=data, quiet=True)
+    assert s["images_trained_on"] == 5 * 200
+    assert _same(_weights(run), _weights(tmp_path / "ref"))

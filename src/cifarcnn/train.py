@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import augment, checkpoint, distributed, modes, perf
-from .config import TrainConfig
+from .config import DEFAULTS, TrainConfig
 from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
 from .inference import autocast, evaluate_arrays, input_dtype
@@ -239,10 +239,9 @@ def resume(run_dir: str | os.PathLike, data_path: str | None = None,
     saved = ckpt["config"] if ckpt else json.loads((run / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
-    if "select_fraction" not in saved:  # recorded before selection existed: it did not select
-        cfg.select_fraction = 1.0
-    if "lookahead" not in saved:  # likewise for Lookahead
-        cfg.lookahead = 0
+    for k, v in DEFAULTS.items():
+        if k not in saved:  # recorded before the setting existed: the run trained without it
+            setattr(cfg, k, v)
     if data_path:
         cfg.data = data_path
     cfg.out = str(run)
