@@ -1,14 +1,16 @@
 """Where the fast recipe's time goes: one training step per configuration, timed.
 
     python benchmarks/fast_step.py [--widths 48,192,256 64,256,256] [--batch 500]
-        [--res 32 24] [--compile] [--profile] [--device cpu]
+        [--res 32 24] [--compile] [--profile] [--matmul] [--device cpu]
 
 A step is what the training loop does per batch: forward and backward under
 autocast (bf16 on CPU), channels_last, then a MuonSGD step, on random
 images (speed does not depend on the pixels). Prints ms per step, images/s
 and the seconds one 50,000-image epoch takes at that rate; --compile adds a
 torch.compile row per configuration (its compile time apart); --profile
-prints the operators' shares of one configuration's time.
+prints the operators' shares of one configuration's time; --matmul first
+times large square matrix products in the autocast dtype, the ceiling the
+convolutions can be compared with.
 """
 
 from __future__ import annotations
@@ -58,6 +60,20 @@ def step_time(widths: tuple[int, ...], batch: int, res: int, device: str, compil
     return best, (first - best) if compiled else 0.0
 
 
+def matmul_tflops(n: int, device: str, dtype: torch.dtype, steps: int) -> float:
+    """Best TFLOP/s of an n x n by n x n product: what the machine's GEMM reaches."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(steps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
 def widths_arg(text: str) -> tuple[int, int, int]:
     """'48,192,256' -> (48, 192, 256): the three groups' widths."""
     try:
@@ -79,9 +95,16 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--profile", action="store_true",
                     help="operator shares of the first configuration")
+    ap.add_argument("--matmul", action="store_true",
+                    help="also time square matrix products (the GEMM ceiling)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
     device = resolve_device(a.device)
+    if a.matmul:
+        dtype = amp_dtype(resolve_precision("auto", device)) or torch.float32
+        for n in (1024, 2048, 4096):
+            print(f"matmul {n}x{n} {str(dtype).removeprefix('torch.')}: "
+                  f"{matmul_tflops(n, device, dtype, a.steps):.2f} TFLOP/s", flush=True)
     print(f"{'widths':<12} {'batch':>5} {'res':>4} {'mode':<8} {'ms/step':>8} {'img/s':>7} "
           f"{'s/epoch':>8} {'compile s':>9}")
     for widths in a.widths:

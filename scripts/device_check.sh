@@ -12,12 +12,13 @@
 #   wide     the 20-minute CPU row's wider recipe, 3 seeds (~1 min)
 #   compile  the fast recipe under --mode compile, 3 seeds (over 2 min)
 #   profile  one fast training step, eager and compiled, with a CPU+CUDA profile (~1 min)
+#   script   `bench modes` for the script mode alone (the row `modes` reaches last; ~1.5 min)
 # Each step has its own time limit and a failure does not stop the next one.
 set -u
 DATA=${1:?usage: device_check.sh DATA OUTDIR}
 OUT_DIR=${2:?usage: device_check.sh DATA OUTDIR}
 shift 2
-STEPS=" ${*:-tta tests modes wide compile profile} "
+STEPS=" ${*:-tta tests modes wide compile profile script} "
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CIFAR10_DATA="$DATA"
 PY=${PYTHON:-python3}
@@ -26,7 +27,7 @@ LOG="$OUT_DIR/device_check.log"
 step() {  # step NAME SECONDS COMMAND...: runs unless NAME is a choosable step left out
     local name=$1 limit=$2
     shift 2
-    case " tta tests modes wide compile profile " in
+    case " tta tests modes wide compile profile script " in
         *" $name "*) [[ $STEPS == *" $name "* ]] || return 0 ;;
     esac
     echo "=== $name (limit ${limit}s) $(date +%T)" | tee -a "$LOG"
@@ -51,4 +52,6 @@ step compile 240 "$PY" benchmarks/time_to_accuracy.py --runs 3 --data "$DATA" \
     --json "$OUT_DIR/time-to-accuracy-cuda-compile.json"
 step profile 120 "$PY" benchmarks/fast_step.py --device cuda --widths 48,192,256 --res 32 24 \
     --compile --profile
+step script 150 "$PY" -m cifarcnn bench modes --model paper-cnn --epochs 25 --runs 2 \
+    --data "$DATA" --devices cuda --modes script --out "$OUT_DIR/modes-cuda-script"
 echo "=== done $(date +%T)" | tee -a "$LOG"

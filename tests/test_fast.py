@@ -31,6 +31,23 @@ def test_fast_output_shapes():
     assert build_model("fast", num_classes=4)(torch.randn(2, 3, 32, 32)).shape == (2, 4)
 
 
+def test_pool_first_groups_convolve_at_half_resolution():
+    sizes = {}
+
+    def record(name):
+        return lambda mod, inp, out: sizes.__setitem__(name, inp[0].shape[-1])
+
+    for flags in ([0, 0, 0], [0, 1, 1]):
+        m = build_model("fast", widths=[8, 16, 16], pool_first=flags).eval()
+        for i, group in enumerate(m.groups):
+            group.conv1.register_forward_hook(record((tuple(flags), i)))
+        assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # whitening leaves 31x31; conv-then-pool groups see 31, 15, 7; pooling first halves
+    # the input of the second and third groups' first convolutions
+    assert [sizes[(0, 0, 0), i] for i in range(3)] == [31, 15, 7]
+    assert [sizes[(0, 1, 1), i] for i in range(3)] == [31, 7, 3]
+
+
 def test_whitening_layer_whitens_patches():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(400, 1, 32, 32, generator=g)

@@ -155,3 +155,34 @@ def test_bench_modes_quick_look(tmp_path, capsys):
     assert "train best" in table and "onnxruntime" in table
     saved = json.loads((tmp_path / "b" / "modes.json").read_text())
     assert len(saved["rows"]) == 3 and (tmp_path / "b" / "modes.csv").is_file()
+
+
+def test_compiled_training_compiles_every_graph_before_the_timed_epochs(tmp_path, monkeypatch):
+    """Low-res crops, a short last batch and the whitening bias freezing after epoch 3 each
+    change the graph: all must compile in the untimed set-up, none in the training."""
+    import cifarcnn.train as train_module
+
+    compiled, after_setup = [], []
+    real_compile, real_warm_up = torch.compile, train_module._warm_up
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(gm)
+        # inductor's graph handling without its code generation: the test stays quick
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def warm_up(*args, **kwargs):
+        real_warm_up(*args, **kwargs)
+        after_setup.append(len(compiled))
+
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend=counting_backend))
+    monkeypatch.setattr(train_module, "_warm_up", warm_up)
+    torch._dynamo.reset()
+    cfg = TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, mode="compile",
+                      epochs=5, batch_size=50, eval_batch_size=50, low_res=24, low_res_epochs=2,
+                      select_fraction=0.7, select_from_epoch=3, tta="none", precision="fp32",
+                      out=str(tmp_path / "r"))
+    s = train(cfg, data=tiny_data(200, 50), quiet=True)
+    torch._dynamo.reset()
+    assert s["epochs"] == 5 and after_setup
+    # epochs 4-5 train 140 images: batches of 50, 50 and a short 40
+    assert len(compiled) == after_setup[-1], "a graph compiled inside the timed training"

@@ -320,16 +320,23 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     in_dtype = input_dtype(precision) if cfg.mode in ("eager", "compile") else torch.float32
     setup_seconds = 0.0
     if cfg.mode != "eager":
-        example = augment.normalize(x_train[:bs], mean, std, cfg.channels_last, in_dtype)
+        def example(size: int) -> torch.Tensor:
+            return augment.normalize(x_train[:bs, :size, :size].contiguous(), mean, std,
+                                     cfg.channels_last, in_dtype)
+
         t0 = time.perf_counter()
-        net = modes.wrap(net, cfg.mode, example)
-        _warm_up(net, model, example, device, precision)
-        short = set()  # the epochs' short last batches: new shapes
-        for count, k in zip(counts, epoch_steps, strict=True):
-            last = distributed.shard((k - 1) * global_bs, count, world)
-            short.add(last.stop - last.start)
-        for length in sorted(short - {len(example)}):
-            _warm_up(net, model, example[:length], device, precision)
+        net = modes.wrap(net, cfg.mode, example(32))
+        # Every graph the epochs will run, compiled now rather than inside the timed
+        # training: each crop size, short last batch and set of frozen groups (a frozen
+        # whitening bias drops a gradient, so the backward graph changes).
+        flags = [p.requires_grad for p in model.parameters()]
+        for epoch, size, length in sorted(_graph_variants(cfg, opt, counts, epoch_steps,
+                                                          global_bs, world)):
+            if world.size == 1:
+                freeze_finished_groups(opt, epoch)
+            _warm_up(net, model, example(size)[:length], device, precision)
+            for p, flag in zip(model.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
         setup_seconds = time.perf_counter() - t0
         log(f"--mode {cfg.mode}: {setup_seconds:.1f}s one-time set-up "
             "(compile/trace, not counted as training time)")
@@ -577,6 +584,29 @@ def _tensorboard(run: Path, start_epoch: int):
     return SummaryWriter(str(run / "tensorboard"), purge_step=start_epoch + 1)
 
 
+def _graph_variants(cfg: TrainConfig, opt: torch.optim.Optimizer, counts: list[int],
+                    epoch_steps: list[int], global_bs: int,
+                    world: distributed.World) -> set[tuple[int, int, int]]:
+    """(epoch, crop size, batch length) for each distinct graph the training will run.
+
+    The epoch stands for the groups frozen by then (`freeze_finished_groups`,
+    single process only); epochs that share frozen groups, size and batch
+    lengths keep the first of them.
+    """
+    seen, variants = set(), set()
+    for epoch, (count, k) in enumerate(zip(counts, epoch_steps, strict=True)):
+        size = cfg.low_res if cfg.low_res and epoch < cfg.low_res_epochs else 32
+        stopped = frozenset(i for i, g in enumerate(opt.param_groups) if world.size == 1
+                            and g.get("stop_epochs") and epoch >= g["stop_epochs"])
+        last = distributed.shard((k - 1) * global_bs, count, world)
+        first = distributed.shard(0, min(count, global_bs), world)
+        for length in {first.stop - first.start, last.stop - last.start}:
+            if (stopped, size, length) not in seen:
+                seen.add((stopped, size, length))
+                variants.add((epoch, size, length))
+    return variants
+
+
 def _warm_up(net: nn.Module, model: nn.Module, example: torch.Tensor, device: str,
              precision: str) -> None:
     """Run one train-mode step and one eval-mode forward so compilation happens now.
@@ -593,8 +623,10 @@ def _warm_up(net: nn.Module, model: nn.Module, example: torch.Tensor, device: st
     with autocast(device, precision):
         net(example).float().sum().backward()
     net.eval()
-    with torch.no_grad(), autocast(device, precision):
-        net(example)
+    # as evaluation runs it (inference.evaluate_arrays): in inference mode, whose tensors
+    # a compiled graph tells apart from ordinary ones
+    with torch.inference_mode(), autocast(device, precision):
+        net(example.clone())
     net.train(was_training)
     model.zero_grad(set_to_none=True)
     with torch.no_grad():

@@ -65,8 +65,9 @@ class BatchNorm(nn.BatchNorm2d):
 
 
 class ConvGroup(nn.Module):
-    def __init__(self, cin: int, cout: int, bn_momentum: float) -> None:
+    def __init__(self, cin: int, cout: int, bn_momentum: float, pool_first: bool = False) -> None:
         super().__init__()
+        self.pool_first = pool_first
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.norm1 = BatchNorm(cout, bn_momentum)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
@@ -77,17 +78,24 @@ class ConvGroup(nn.Module):
             nn.init.dirac_(w[:min(w.shape[:2])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        if self.pool_first:
+            x = F.gelu(self.norm1(self.conv1(F.max_pool2d(x, 2))))
+        else:
+            x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
         return F.gelu(self.norm2(self.conv2(x)))
 
 
 class FastNet(nn.Module):
     def __init__(self, widths: tuple[int, int, int] = (48, 192, 256), num_classes: int = 10,
                  bn_momentum: float = 0.4, muon_momentum: float = 0.6, ns_steps: int = 3,
-                 freeze_first_group: int = 0) -> None:
+                 freeze_first_group: int = 0,
+                 pool_first: tuple[bool, bool, bool] = (False, False, False)) -> None:
         """`muon_momentum`, `ns_steps` (Newton-Schulz iterations) and `freeze_first_group`
         shape the groups `optimizer_groups` returns: they live here so `--model-arg`
-        reaches them and the weights' metadata records them."""
+        reaches them and the weights' metadata records them. `pool_first` (one flag per
+        group) moves a group's max-pool before its first conv, which then runs at a
+        quarter of the positions, as a stride-2 ResNet stage does: on a CPU the FLOPs
+        are the time, but it lost accuracy per second here (README, "Fast recipe")."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
@@ -95,9 +103,10 @@ class FastNet(nn.Module):
         self.whiten = nn.Conv2d(3, 2 * dims, PATCH, padding=0)
         self.whiten.weight.requires_grad_(False)
         w1, w2, w3 = widths
-        self.groups = nn.Sequential(ConvGroup(2 * dims, w1, bn_momentum),
-                                    ConvGroup(w1, w2, bn_momentum),
-                                    ConvGroup(w2, w3, bn_momentum))
+        p1, p2, p3 = (bool(p) for p in pool_first)
+        self.groups = nn.Sequential(ConvGroup(2 * dims, w1, bn_momentum, p1),
+                                    ConvGroup(w1, w2, bn_momentum, p2),
+                                    ConvGroup(w2, w3, bn_momentum, p3))
         self.head = nn.Linear(w3, num_classes, bias=False)
         with torch.no_grad():
             self.head.weight /= self.head.weight.std()  # unit weights; forward divides by width
