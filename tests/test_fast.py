@@ -337,7 +337,10 @@ def test_fast_step_benchmark_times_a_step_and_refuses_bad_widths():
     assert r.returncode == 2 and "give three positive widths" in r.stderr
     assert "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, script, "--widths", "8,16,16", "--batch", "8", "--res",
-                        "16", "--steps", "1", "--device", "cpu", "--profile"],
+                        "16", "--steps", "1", "--device", "cpu", "--profile", "--matmul"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "8,16,16" in r.stdout and "convolution" in r.stdout
+    rates = [float(line.split(": ")[1].split()[0]) for line in r.stdout.splitlines()
+             if line.startswith("matmul ")]
+    assert len(rates) == 3 and all(rate > 0 for rate in rates)
