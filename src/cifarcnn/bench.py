@@ -192,7 +192,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def write(rows: list[dict[str, Any]], out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         (out / "modes.json").write_text(json.dumps({"rows": rows, "torch": torch.__version__,
+                                                    "gpu": gpu,
                                                     "paper_25_epochs_s": PAPER_25_EPOCHS},
                                                    indent=2) + "\n")
         keys = sorted({k for r in rows for k in r})
