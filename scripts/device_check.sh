@@ -4,7 +4,7 @@
 #     bash scripts/device_check.sh DATA OUTDIR [STEP...]
 #
 # DATA is the CIFAR-10 archive; OUTDIR receives the log and the benchmark files. STEPs
-# (default: all; ~11 minutes on an H100, more than one 10-minute device call) pick from,
+# (default: all; ~13 minutes on an H100, more than one 10-minute device call) pick from,
 # in order of importance, so that a cut-short run still brings back the first ones:
 #   tta      the fast recipe's time to accuracy, 3 seeds (issue 3's GPU row; ~35 s)
 #   tests    tests/test_cuda.py: exact resume, precisions, modes, shipped weights (~3 min)
