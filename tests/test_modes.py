@@ -186,3 +186,18 @@ def test_compiled_training_compiles_every_graph_before_the_timed_epochs(tmp_path
     assert s["epochs"] == 5 and after_setup
     # epochs 4-5 train 140 images: batches of 50, 50 and a short 40
     assert len(compiled) == after_setup[-1], "a graph compiled inside the timed training"
+
+
+def test_every_rank_warms_up_the_same_graphs_the_same_number_of_times():
+    """Under torchrun a warm-up step is a collective: ranks must run as many. Batches of
+    100 and 99 images split 50+50 and 50+49, so counting per-rank lengths would give rank 0
+    one warm-up and rank 1 two; counting global lengths gives both two."""
+    from cifarcnn.distributed import World
+    from cifarcnn.train import _graph_variants, make_optimizer
+
+    cfg = TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=2,
+                      batch_size=50, low_res=24, low_res_epochs=1).resolved()
+    opt = make_optimizer(build_model("fast", widths=[8, 16, 16]), cfg, 100)
+    found = [_graph_variants(cfg, opt, [199, 199], [2, 2], 100, World(rank=r, size=2))
+             for r in (0, 1)]
+    assert found[0] == found[1] == {(0, 24, 100), (0, 24, 99), (1, 32, 100), (1, 32, 99)}

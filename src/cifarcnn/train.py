@@ -334,7 +334,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                                                           global_bs, world)):
             if world.size == 1:
                 freeze_finished_groups(opt, epoch)
-            _warm_up(net, model, example(size)[:length], device, precision)
+            mine = distributed.shard(0, length, world)  # this rank's part of such a batch
+            _warm_up(net, model, example(size)[:mine.stop - mine.start], device, precision)
             for p, flag in zip(model.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
         setup_seconds = time.perf_counter() - t0
@@ -587,7 +588,7 @@ def _tensorboard(run: Path, start_epoch: int):
 def _graph_variants(cfg: TrainConfig, opt: torch.optim.Optimizer, counts: list[int],
                     epoch_steps: list[int], global_bs: int,
                     world: distributed.World) -> set[tuple[int, int, int]]:
-    """(epoch, crop size, batch length) for each distinct graph the training will run.
+    """(epoch, crop size, global batch length) for each distinct graph the training runs.
 
     The epoch stands for the groups frozen by then (`freeze_finished_groups`,
     single process only); epochs that share frozen groups, size and batch
@@ -598,9 +599,9 @@ def _graph_variants(cfg: TrainConfig, opt: torch.optim.Optimizer, counts: list[i
         size = cfg.low_res if cfg.low_res and epoch < cfg.low_res_epochs else 32
         stopped = frozenset(i for i, g in enumerate(opt.param_groups) if world.size == 1
                             and g.get("stop_epochs") and epoch >= g["stop_epochs"])
-        last = distributed.shard((k - 1) * global_bs, count, world)
-        first = distributed.shard(0, min(count, global_bs), world)
-        for length in {first.stop - first.start, last.stop - last.start}:
+        # global batch lengths, so that every rank warms up the same number of times (its
+        # share of two different lengths may be equal)
+        for length in {min(count, global_bs), min(count, k * global_bs) - (k - 1) * global_bs}:
             if (stopped, size, length) not in seen:
                 seen.add((stopped, size, length))
                 variants.add((epoch, size, length))
