@@ -132,10 +132,15 @@ def freeze_finished_groups(opt: torch.optim.Optimizer, epoch: int) -> None:
     feeds them: for fast's whitening bias, the first conv's input gradient.
     """
     for g in opt.param_groups:
-        if g.get("stop_epochs") and epoch >= g["stop_epochs"]:
+        if _stopped(g, epoch):
             for p in g["params"]:
                 p.requires_grad_(False)
                 p.grad = None
+
+
+def _stopped(group: dict[str, Any], epoch: int) -> bool:
+    """Whether a parameter group's own schedule (`stop_epochs`) has ended by `epoch`."""
+    return bool(group.get("stop_epochs")) and epoch >= group["stop_epochs"]
 
 
 def split_data(data: CifarData, cfg: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -594,18 +599,16 @@ def _graph_variants(cfg: TrainConfig, opt: torch.optim.Optimizer, counts: list[i
     single process only); epochs that share frozen groups, size and batch
     lengths keep the first of them.
     """
-    seen, variants = set(), set()
+    first: dict[tuple[frozenset[int], int, int], int] = {}  # graph -> first epoch with it
     for epoch, (count, k) in enumerate(zip(counts, epoch_steps, strict=True)):
         size = cfg.low_res if cfg.low_res and epoch < cfg.low_res_epochs else 32
-        stopped = frozenset(i for i, g in enumerate(opt.param_groups) if world.size == 1
-                            and g.get("stop_epochs") and epoch >= g["stop_epochs"])
+        stopped = frozenset(i for i, g in enumerate(opt.param_groups)
+                            if world.size == 1 and _stopped(g, epoch))
         # global batch lengths, so that every rank warms up the same number of times (its
         # share of two different lengths may be equal)
         for length in {min(count, global_bs), min(count, k * global_bs) - (k - 1) * global_bs}:
-            if (stopped, size, length) not in seen:
-                seen.add((stopped, size, length))
-                variants.add((epoch, size, length))
-    return variants
+            first.setdefault((stopped, size, length), epoch)
+    return {(epoch, size, length) for (_, size, length), epoch in first.items()}
 
 
 def _warm_up(net: nn.Module, model: nn.Module, example: torch.Tensor, device: str,
