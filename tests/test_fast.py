@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from test_train import tiny_data
@@ -344,3 +346,23 @@ def test_fast_step_benchmark_times_a_step_and_refuses_bad_widths():
     rates = [float(line.split(": ")[1].split()[0]) for line in r.stdout.splitlines()
              if line.startswith("matmul ")]
     assert len(rates) == 3 and all(rate > 0 for rate in rates)
+
+
+def test_cpu_peak_probe_reports_the_vector_units_rates():
+    """The probe behind README's peak: bf16 dot products issue twice fp32 FMA's FLOP per
+    instruction, so per cycle bf16 must come out well above fp32 (a probe whose loops
+    the compiler had merged would report one instruction's latency instead)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if shutil.which("gcc") is None or not cpuinfo.exists() or \
+            "avx512_bf16" not in cpuinfo.read_text():
+        pytest.skip("needs gcc and a CPU with AVX512-BF16")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_peak.py"), "--seconds",
+                        "0.05", "--threads", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split("clock (dependent integer adds): ")[1].split()[0]) > 0.5
+    rows = {line.split()[0]: [float(v) for v in line.split()[-3:]]
+            for line in r.stdout.splitlines() if line.startswith(("vdpbf16ps", "vfmadd"))}
+    assert set(rows) == {"vdpbf16ps", "vfmadd231ps"}
+    (threads, bf16, bf16_cycle), (_, fp32, fp32_cycle) = rows["vdpbf16ps"], rows["vfmadd231ps"]
+    assert threads == 1 and bf16 > 0 and fp32 > 0
+    assert bf16_cycle > 1.4 * fp32_cycle
