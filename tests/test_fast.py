@@ -357,7 +357,8 @@ def test_cpu_peak_probe_reports_the_vector_units_rates():
             "avx512_bf16" not in cpuinfo.read_text():
         pytest.skip("needs gcc and a CPU with AVX512-BF16")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_peak.py"), "--seconds",
-                        "0.05", "--threads", "1"], capture_output=True, text=True, timeout=120)
+                        "0.05", "--threads", "1", "--torch"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.split("clock (dependent integer adds): ")[1].split()[0]) > 0.5
     rows = {line.split()[0]: [float(v) for v in line.split()[-3:]]
@@ -366,3 +367,7 @@ def test_cpu_peak_probe_reports_the_vector_units_rates():
     (threads, bf16, bf16_cycle), (_, fp32, fp32_cycle) = rows["vdpbf16ps"], rows["vfmadd231ps"]
     assert threads == 1 and bf16 > 0 and fp32 > 0
     assert bf16_cycle > 1.4 * fp32_cycle
+    kernels = [line for line in r.stdout.splitlines() if line.startswith(("matmul", "conv"))]
+    assert len(kernels) == 5 and all(line.endswith("%") for line in kernels)
+    # taps inside the image never exceed the nominal count
+    assert all(0 < float(line.split()[-2]) <= float(line.split()[-3]) for line in kernels)
