@@ -108,7 +108,7 @@ def write_doc(out: Path, doc: Path, seconds: float, fast: Path | None,
         + (f" --fast {shown(fast)}" if fast else "")
         + "".join(f" --gpu-modes {shown(path)}" for path, _ in gpu[:1])
         + "".join(f" {shown(path)}" for path, _ in gpu[1:])
-        + "` on this machine (2 cores, AMD Zen 5, "
+        + "` on this machine (2 cores, AMD EPYC, "
         f"torch {cnn[0]['torch']}, CPU only). Data: the JPEG (q75) copy of CIFAR-10, official "
         "split. What was run: "
         f"{len(cnn)} x 25-epoch runs of `paper-cnn` (seeds 0..{len(cnn) - 1}), "
@@ -206,8 +206,9 @@ def write_doc(out: Path, doc: Path, seconds: float, fast: Path | None,
             f"{runs[0]['epochs']} epochs, {statistics.mean(fast_val):.2f}% mean with its "
             f"flip-and-shift TTA, {statistics.mean(s['train_seconds'] for s in runs):.0f} s "
             "of training each; README, \"Fast recipe\"). Its intermediate epochs are "
-            "validated on the single view only and its first epochs train on smaller crops, "
-            "hence the jump at the end.",
+            "validated on the single view only and its first epochs train on smaller "
+            "images (shrunk, then cropped), hence the low early points and the jump at the "
+            "end.",
             "",
         ]
     lines += [

@@ -19,9 +19,9 @@ from cifarcnn import augment
 from cifarcnn.config import TrainConfig
 from cifarcnn.inference import TTA_VIEWS
 from cifarcnn.models import build_model
-from cifarcnn.models.fast import PATCH
+from cifarcnn.models.fast import PATCH, FastNet
 from cifarcnn.optim import MuonSGD, orthogonalize
-from cifarcnn.train import freeze_finished_groups, make_optimizer, make_schedule, train
+from cifarcnn.train import epoch_sizes, freeze_finished_groups, make_optimizer, make_schedule, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,20 +161,52 @@ def test_reflect_padding_matches_numpy():
     assert augment.pad_images(x, 3).shape == (2, 38, 38, 3)
 
 
-def test_low_res_epochs_train_on_smaller_crops(tmp_path, monkeypatch):
-    sizes = []
+def test_progressive_resizing_downscales_then_crops_then_trains_whole(tmp_path, monkeypatch):
+    crops, inputs = [], []
     crop = augment.crop_flip
+    forward = FastNet.forward
 
     def spy(padded, idx, dx, dy, flip, size=32):
-        sizes.append(size)
+        crops.append(size)
         return crop(padded, idx, dx, dy, flip, size)
 
+    def seen(self, x):
+        if self.training:
+            inputs.append(tuple(x.shape[2:]))
+        return forward(self, x)
+
     monkeypatch.setattr(augment, "crop_flip", spy)
-    cfg = TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=3,
-                      batch_size=100, low_res=24, low_res_epochs=2, precision="fp32",
-                      out=str(tmp_path / "r"))
+    monkeypatch.setattr(FastNet, "forward", seen)
+    cfg = TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=4,
+                      batch_size=100, downscale=16, downscale_epochs=1, low_res=24,
+                      low_res_epochs=2, precision="fp32", out=str(tmp_path / "r"))
     train(cfg, data=tiny_data(200, 50), quiet=True)
-    assert sizes == [24] * 4 + [32] * 2
+    # two steps an epoch: epoch 1 shrinks whole 32x32 crops, 2-3 crop 24x24, 4 is whole
+    assert crops == [32] * 2 + [24] * 4 + [32] * 2
+    assert inputs == [(16, 16)] * 2 + [(24, 24)] * 4 + [(32, 32)] * 2
+
+
+def test_short_runs_keep_a_whole_last_epoch():
+    cfg = TrainConfig(model="fast", epochs=2, downscale=16, downscale_epochs=3,
+                      low_res=24, low_res_epochs=3).resolved()
+    assert (cfg.downscale_epochs, cfg.low_res_epochs) == (1, 0)
+    assert [epoch_sizes(cfg, e) for e in range(2)] == [(32, 16), (32, 32)]
+    cfg = TrainConfig(model="fast", epochs=4, downscale=0, downscale_epochs=3, low_res=24,
+                      low_res_epochs=2).resolved()  # no downscaling: its epochs count 0
+    assert [epoch_sizes(cfg, e) for e in range(4)] == [(24, 24)] * 2 + [(32, 32)] * 2
+
+
+def test_shrink_averages_pixels_and_keeps_dtype_and_layout():
+    x = torch.zeros(2, 3, 32, 32)
+    x[:, :, ::2, ::2] = 4.0  # one bright pixel per 2x2 block: the mean is 1
+    x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    out = augment.shrink(x, 16)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # interior pixels (the border's filter is cut off by the image edge)
+    assert torch.allclose(out[:, :, 2:-2, 2:-2].float(), torch.ones(1), atol=0.02)
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    assert torch.allclose(augment.shrink(flat, 24), torch.full((1, 3, 24, 24), 0.5))
 
 
 def test_the_whitening_bias_trains_for_its_epochs_only():

@@ -178,7 +178,8 @@ def test_compiled_training_compiles_every_graph_before_the_timed_epochs(tmp_path
     monkeypatch.setattr(train_module, "_warm_up", warm_up)
     torch._dynamo.reset()
     cfg = TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, mode="compile",
-                      epochs=5, batch_size=50, eval_batch_size=50, low_res=24, low_res_epochs=2,
+                      epochs=5, batch_size=50, eval_batch_size=50, downscale=16,
+                      downscale_epochs=1, low_res=24, low_res_epochs=1,
                       select_fraction=0.7, select_from_epoch=3, tta="none", precision="fp32",
                       out=str(tmp_path / "r"))
     s = train(cfg, data=tiny_data(200, 50), quiet=True)
@@ -196,8 +197,9 @@ def test_every_rank_warms_up_the_same_graphs_the_same_number_of_times():
     from cifarcnn.train import _graph_variants, make_optimizer
 
     cfg = TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=2,
-                      batch_size=50, low_res=24, low_res_epochs=1).resolved()
+                      batch_size=50, downscale=0, low_res=24, low_res_epochs=1).resolved()
     opt = make_optimizer(build_model("fast", widths=[8, 16, 16]), cfg, 100)
     found = [_graph_variants(cfg, opt, [199, 199], [2, 2], 100, World(rank=r, size=2))
              for r in (0, 1)]
-    assert found[0] == found[1] == {(0, 24, 100), (0, 24, 99), (1, 32, 100), (1, 32, 99)}
+    assert found[0] == found[1] == {(0, (24, 24), 100), (0, (24, 24), 99), (1, (32, 32), 100),
+                                    (1, (32, 32), 99)}

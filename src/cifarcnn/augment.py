@@ -126,6 +126,20 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     return x if channels_last else x.contiguous()
 
 
+def shrink(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalised NCHW images resized to size x size (bilinear with antialiasing, so each
+    output pixel averages the input pixels it covers), in their dtype and memory layout.
+
+    Computed in fp32: a batch of 32x32 images costs a few milliseconds, and the
+    antialiased kernels do not take bf16 on every device.
+    """
+    channels_last = images.is_contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                        align_corners=False).to(images.dtype)
+    return out.contiguous(memory_format=torch.channels_last if channels_last
+                          else torch.contiguous_format)
+
+
 def hardest(losses: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k images with the highest remembered loss (ties: the lower index first).
 

@@ -75,8 +75,13 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="no random crop and flip")
     p.add_argument("--translate", type=int, metavar="PX",
                    help="random translation of up to PX pixels (paper-cnn: 4, fast: 2)")
+    p.add_argument("--downscale", type=int, metavar="PX",
+                   help="progressive resizing: train the first --downscale-epochs on whole "
+                   "images shrunk to PXxPX (fast: 16 for 1 epoch; 0: off)")
+    p.add_argument("--downscale-epochs", type=int, metavar="N")
     p.add_argument("--low-res", type=int, metavar="PX",
-                   help="progressive resizing: train the first --low-res-epochs on PXxPX crops")
+                   help="progressive resizing: train the next --low-res-epochs on PXxPX crops "
+                   "(fast: 24 for 2 epochs; 0: off)")
     p.add_argument("--low-res-epochs", type=int, metavar="N")
     p.add_argument("--select-fraction", type=float, metavar="F",
                    help="from --select-from-epoch on, train each epoch on the fraction F of "
@@ -185,7 +190,8 @@ def _config_from_flags(a: argparse.Namespace):
         batch_size=a.batch_size, optimizer=a.optimizer,
         lr=a.lr, momentum=a.momentum, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
         weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, tta=a.tta,
-        translate=a.translate, pad_mode=a.pad_mode, low_res=a.low_res,
+        translate=a.translate, pad_mode=a.pad_mode, downscale=a.downscale,
+        downscale_epochs=a.downscale_epochs, low_res=a.low_res,
         low_res_epochs=a.low_res_epochs, flip=a.flip, seed=a.seed,
         select_fraction=a.select_fraction, select_from_epoch=a.select_from_epoch,
         lookahead=a.lookahead, lookahead_decay=a.lookahead_decay,
@@ -203,8 +209,8 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
         raise CifarError(f"--target {a.target}: give an accuracy between 0 and 1 (e.g. 0.91)")
     overrides = {"device": a.device, "mode": a.mode,
                  "model_kwargs": _parse_model_args(a.model_arg)}
-    for key in ("epochs", "batch_size", "lr", "low_res", "low_res_epochs", "select_fraction",
-                "select_from_epoch", "lookahead"):
+    for key in ("epochs", "batch_size", "lr", "downscale", "downscale_epochs", "low_res",
+                "low_res_epochs", "select_fraction", "select_from_epoch", "lookahead"):
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
     out = time_to_accuracy(a.model, a.runs, data_path=a.data, target=a.target,
@@ -395,8 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model constructor argument, VALUE in JSON (e.g. widths=[64,256,256])")
     tb.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     tb.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    tb.add_argument("--downscale", type=int, metavar="PX", help="override the recipe's "
+                    "downscaled first epochs (0: off)")
+    tb.add_argument("--downscale-epochs", type=int, metavar="N")
     tb.add_argument("--low-res", type=int, metavar="PX", help="override the recipe's "
-                    "progressive resizing (0: off)")
+                    "cropped low-resolution epochs (0: off)")
     tb.add_argument("--low-res-epochs", type=int, metavar="N")
     tb.add_argument("--select-fraction", type=float, metavar="F",
                     help="override the recipe's loss-based selection (1: off)")

@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "label_smoothing": 0.0,
     "tta": "none",
     "tta_every_epoch": True,
+    "downscale": 0,
+    "downscale_epochs": 0,
     "low_res": 0,
     "low_res_epochs": 0,
     "translate": 4,
@@ -63,7 +65,11 @@ class TrainConfig:
     label_smoothing: float | None = None
     tta: str | None = None  # test-time augmentation for validation and for the saved weights
     tta_every_epoch: bool | None = None  # False: plain-view validation until the last epoch
-    low_res: int | None = None  # > 0: the first low_res_epochs train on crops this size
+    # > 0: the first downscale_epochs train on whole images shrunk to this size, then
+    # (low_res > 0) the next low_res_epochs on crops of low_res pixels, then the rest at 32
+    downscale: int | None = None
+    downscale_epochs: int | None = None
+    low_res: int | None = None
     low_res_epochs: int | None = None
     translate: int | None = None  # random crops move images by up to this many pixels
     pad_mode: str | None = None  # what fills the border uncovered by a translation
@@ -126,12 +132,17 @@ class TrainConfig:
             raise CifarError("--epochs and --batch-size must be at least 1")
         if not 0 <= c.translate <= 8:
             raise CifarError(f"--translate {c.translate}: choose 0 to 8 pixels")
+        if c.downscale and not (8 <= c.downscale <= 32 and c.downscale_epochs >= 0):
+            raise CifarError(f"--downscale {c.downscale} for {c.downscale_epochs} epochs: "
+                             "choose a size of 8 to 32 pixels and a number of epochs >= 0")
         if c.low_res and not (8 <= c.low_res <= 32 and c.low_res_epochs >= 0):
             raise CifarError(f"--low-res {c.low_res} for {c.low_res_epochs} epochs: choose a "
                              "crop of 8 to 32 pixels and a number of epochs >= 0")
         # the last epoch always sees whole images: BatchNorm statistics and the head must
-        # end on the size the model is evaluated at (a short --epochs shortens the low part)
-        c.low_res_epochs = min(c.low_res_epochs, c.epochs - 1)
+        # end on the size the model is evaluated at (a short --epochs shortens the small
+        # epochs, the cropped ones first)
+        c.downscale_epochs = min(c.downscale_epochs, c.epochs - 1) if c.downscale else 0
+        c.low_res_epochs = min(c.low_res_epochs, c.epochs - 1 - c.downscale_epochs)
         if not 0 < c.select_fraction <= 1 or c.select_from_epoch < 1:
             raise CifarError(f"--select-fraction {c.select_fraction} from epoch "
                              f"{c.select_from_epoch}: choose a fraction in (0, 1] and a first "

@@ -92,6 +92,22 @@ def epoch_images(n: int, cfg: TrainConfig) -> list[int]:
     return [n if e < cfg.select_from_epoch else chosen for e in range(cfg.epochs)]
 
 
+def epoch_sizes(cfg: TrainConfig, epoch: int) -> tuple[int, int]:
+    """(crop, input): the crop each image gives in `epoch`, and the size the net sees.
+
+    Progressive resizing in two stages: the first `downscale_epochs` shrink
+    the whole (translated, flipped) image to `downscale` pixels, a quarter
+    of the convolution work at 16 against 32 while every object stays whole;
+    the next `low_res_epochs` train on crops of `low_res` pixels, which keep
+    the objects at the scale the test images show them; the rest at 32.
+    """
+    if epoch < cfg.downscale_epochs:
+        return 32, cfg.downscale
+    if cfg.low_res and epoch < cfg.downscale_epochs + cfg.low_res_epochs:
+        return cfg.low_res, cfg.low_res
+    return 32, 32
+
+
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
                   epoch_steps: list[int]) -> torch.optim.lr_scheduler.LambdaLR:
     """LR multiplier per step: linear warm-up from 0.1x, then linear (onecycle) or cosine to 0.
@@ -325,22 +341,23 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     in_dtype = input_dtype(precision) if cfg.mode in ("eager", "compile") else torch.float32
     setup_seconds = 0.0
     if cfg.mode != "eager":
-        def example(size: int) -> torch.Tensor:
-            return augment.normalize(x_train[:bs, :size, :size].contiguous(), mean, std,
-                                     cfg.channels_last, in_dtype)
+        def example(crop: int, size: int) -> torch.Tensor:
+            x = augment.normalize(x_train[:bs, :crop, :crop].contiguous(), mean, std,
+                                  cfg.channels_last, in_dtype)
+            return x if size == crop else augment.shrink(x, size)
 
         t0 = time.perf_counter()
-        net = modes.wrap(net, cfg.mode, example(32))
+        net = modes.wrap(net, cfg.mode, example(32, 32))
         # Every graph the epochs will run, compiled now rather than inside the timed
         # training: each crop size, short last batch and set of frozen groups (a frozen
         # whitening bias drops a gradient, so the backward graph changes).
         flags = [p.requires_grad for p in model.parameters()]
-        for epoch, size, length in sorted(_graph_variants(cfg, opt, counts, epoch_steps,
-                                                          global_bs, world)):
+        for epoch, (crop, size), length in sorted(_graph_variants(cfg, opt, counts,
+                                                                  epoch_steps, global_bs, world)):
             if world.size == 1:
                 freeze_finished_groups(opt, epoch)
             mine = distributed.shard(0, length, world)  # this rank's part of such a batch
-            _warm_up(net, model, example(size)[:mine.stop - mine.start], device, precision)
+            _warm_up(net, model, example(crop, size)[:mine.stop - mine.start], device, precision)
             for p, flag in zip(model.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
         setup_seconds = time.perf_counter() - t0
@@ -415,11 +432,11 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             model.train()
             if world.size == 1:  # DDP expects the same parameters to get gradients each step
                 freeze_finished_groups(opt, epoch)
-            # Progressive resizing: early epochs see smaller crops at a fraction of the cost
+            # Progressive resizing: early epochs see smaller images at a fraction of the cost
             # (conv time scales with pixels); the net ends in a global pool, so any size fits.
-            size = cfg.low_res if cfg.low_res and epoch < cfg.low_res_epochs else 32
+            crop, size = epoch_sizes(cfg, epoch)
             plan = augment.epoch_plan(n, cfg.seed, epoch, cfg.augment, cfg.translate, cfg.flip,
-                                      shrink=32 - size)
+                                      shrink=32 - crop)
             count, steps = counts[epoch], epoch_steps[epoch]
             if selecting:
                 fresh = torch.zeros((2, n), device=device)  # loss, was-trained, this epoch
@@ -446,8 +463,10 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             for s in range(first, steps):
                 sl = distributed.shard(s * global_bs, min(count, (s + 1) * global_bs), world)
                 idx = order[sl]
-                x = augment.crop_flip(padded, idx, dx[sl], dy[sl], flip[sl], size)
+                x = augment.crop_flip(padded, idx, dx[sl], dy[sl], flip[sl], crop)
                 x = augment.normalize(x, mean, std, cfg.channels_last, in_dtype)
+                if size != crop:
+                    x = augment.shrink(x, size)
                 y = y_train[idx]
                 with autocast(device, precision):
                     logits = net(x)
@@ -592,16 +611,17 @@ def _tensorboard(run: Path, start_epoch: int):
 
 def _graph_variants(cfg: TrainConfig, opt: torch.optim.Optimizer, counts: list[int],
                     epoch_steps: list[int], global_bs: int,
-                    world: distributed.World) -> set[tuple[int, int, int]]:
-    """(epoch, crop size, global batch length) for each distinct graph the training runs.
+                    world: distributed.World) -> set[tuple[int, tuple[int, int], int]]:
+    """(epoch, (crop, input size), global batch length) for each distinct graph the
+    training runs (a downscaled epoch's graph also holds its resizing).
 
     The epoch stands for the groups frozen by then (`freeze_finished_groups`,
     single process only); epochs that share frozen groups, size and batch
     lengths keep the first of them.
     """
-    first: dict[tuple[frozenset[int], int, int], int] = {}  # graph -> first epoch with it
+    first: dict[tuple[frozenset[int], tuple[int, int], int], int] = {}  # graph -> 1st epoch
     for epoch, (count, k) in enumerate(zip(counts, epoch_steps, strict=True)):
-        size = cfg.low_res if cfg.low_res and epoch < cfg.low_res_epochs else 32
+        size = epoch_sizes(cfg, epoch)
         stopped = frozenset(i for i, g in enumerate(opt.param_groups)
                             if world.size == 1 and _stopped(g, epoch))
         # global batch lengths, so that every rank warms up the same number of times (its

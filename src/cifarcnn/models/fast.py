@@ -12,10 +12,10 @@ statistics fast (momentum 0.4), which suits a schedule of a few hundred steps.
 
 Training (RECIPE, see optim.py): Muon for the conv filters, Nesterov SGD for
 biases and head, a linear decay to zero, label smoothing, alternating flips
-and 2-pixel reflected translations, progressive resizing (24x24 crops for
-the first 3 of 7 epochs), loss-based selection (the last 4 epochs train on
-the 70% of images that had the highest loss when last seen), and
-test-time flips and shifts. Widths (airbench uses
+and 2-pixel reflected translations, progressive resizing (the first of 7
+epochs on whole images shrunk to 16x16, the next two on 24x24 crops),
+loss-based selection (the last 4 epochs train on the 70% of images that
+had the highest loss when last seen), and test-time flips and shifts. Widths (airbench uses
 64/256/256), batch size and epochs were chosen by measurement on the 2-core
 CPU, where a narrower net trained longer beat a wide one trained briefly at
 equal time (README, "Fast recipe"; benchmarks/time_to_accuracy.py).
@@ -44,8 +44,10 @@ RECIPE = {
     "translate": 2,
     "pad_mode": "reflect",
     "flip": "alternate",
-    "low_res": 24,  # the first 3 epochs train on 24x24 crops: 0.6x the time per epoch
-    "low_res_epochs": 3,
+    "downscale": 16,  # epoch 1 on whole images shrunk to 16x16: 0.5x a 24x24 epoch's time
+    "downscale_epochs": 1,
+    "low_res": 24,  # epochs 2-3 on 24x24 crops: 0.6x the time of a 32x32 epoch
+    "low_res_epochs": 2,
     "select_fraction": 0.7,  # epochs 4-7 train on the 70% of images with the highest loss
     "select_from_epoch": 3,
 }
