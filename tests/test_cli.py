@@ -42,6 +42,12 @@ def test_unknown_model(tmp_path):
     assert_one_line_error(r, "unknown model 'vgg99'")
 
 
+def test_bad_resizing_flags(tmp_path):
+    r = run("train", "--model", "fast", "--downscale", "4", "--out", str(tmp_path / "r"))
+    assert_one_line_error(r, "--downscale 4", "8 to 32 pixels")
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_weights(tmp_path):
     r = run("evaluate", "--weights", str(tmp_path / "none.safetensors"))
     assert_one_line_error(r, "none.safetensors", "no such file")
