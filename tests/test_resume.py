@@ -139,7 +139,8 @@ def test_resume_in_process_from_every_epoch_end_is_exact(tmp_path):
 
 
 def test_fast_recipe_resumes_exactly_after_its_whitening_bias_froze(tmp_path):
-    # fast's recipe changes course mid-run: 24x24 crops until epoch 3, then whole images,
+    # fast's recipe changes course mid-run: whole images shrunk to 16x16 in epoch 1, 24x24
+    # crops in epochs 2-3, then whole images,
     # the whitening bias stops training after epoch 3, and from epoch 4 each epoch trains
     # on the 140 of 200 images with the highest remembered loss (3 steps), and Lookahead
     # keeps slow weights; a resume in epoch 4 must rebuild all of that from the checkpoint
@@ -307,14 +308,17 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
 
 
 def test_resume_of_a_run_recorded_before_a_setting_existed_trains_as_it_did(tmp_path):
-    # fast's recipe now selects; a run recorded before selection and Lookahead existed
-    # must resume without them, not pick them up from today's recipe
+    # fast's recipe now selects and shrinks its first epoch; a run recorded before
+    # selection, Lookahead and shrinking existed must resume without them, not pick them
+    # up from today's recipe
     data = tiny_data(200, 50)
     train(TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=5,
                       batch_size=50, precision="fp32", select_fraction=1.0, lookahead=0,
-                      out=str(tmp_path / "ref")), data=data, quiet=True)
+                      downscale=0, low_res_epochs=3, out=str(tmp_path / "ref")),
+          data=data, quiet=True)
     saved = json.loads((tmp_path / "ref" / "config.json").read_text())
-    for key in ("select_fraction", "select_from_epoch", "lookahead", "lookahead_decay"):
+    for key in ("select_fraction", "select_from_epoch", "lookahead", "lookahead_decay",
+                "downscale", "downscale_epochs"):
         del saved[key]
     run = tmp_path / "old"
     run.mkdir()
