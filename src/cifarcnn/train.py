@@ -341,23 +341,22 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     in_dtype = input_dtype(precision) if cfg.mode in ("eager", "compile") else torch.float32
     setup_seconds = 0.0
     if cfg.mode != "eager":
-        def example(crop: int, size: int) -> torch.Tensor:
-            x = augment.normalize(x_train[:bs, :crop, :crop].contiguous(), mean, std,
-                                  cfg.channels_last, in_dtype)
-            return x if size == crop else augment.shrink(x, size)
+        def example(size: int) -> torch.Tensor:  # the graphs depend on the input size only
+            return augment.normalize(x_train[:bs, :size, :size].contiguous(), mean, std,
+                                     cfg.channels_last, in_dtype)
 
         t0 = time.perf_counter()
-        net = modes.wrap(net, cfg.mode, example(32, 32))
+        net = modes.wrap(net, cfg.mode, example(32))
         # Every graph the epochs will run, compiled now rather than inside the timed
         # training: each crop size, short last batch and set of frozen groups (a frozen
         # whitening bias drops a gradient, so the backward graph changes).
         flags = [p.requires_grad for p in model.parameters()]
-        for epoch, (crop, size), length in sorted(_graph_variants(cfg, opt, counts,
-                                                                  epoch_steps, global_bs, world)):
+        for epoch, size, length in sorted(_graph_variants(cfg, opt, counts, epoch_steps,
+                                                          global_bs, world)):
             if world.size == 1:
                 freeze_finished_groups(opt, epoch)
             mine = distributed.shard(0, length, world)  # this rank's part of such a batch
-            _warm_up(net, model, example(crop, size)[:mine.stop - mine.start], device, precision)
+            _warm_up(net, model, example(size)[:mine.stop - mine.start], device, precision)
             for p, flag in zip(model.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
         setup_seconds = time.perf_counter() - t0
@@ -611,17 +610,16 @@ def _tensorboard(run: Path, start_epoch: int):
 
 def _graph_variants(cfg: TrainConfig, opt: torch.optim.Optimizer, counts: list[int],
                     epoch_steps: list[int], global_bs: int,
-                    world: distributed.World) -> set[tuple[int, tuple[int, int], int]]:
-    """(epoch, (crop, input size), global batch length) for each distinct graph the
-    training runs (a downscaled epoch's graph also holds its resizing).
+                    world: distributed.World) -> set[tuple[int, int, int]]:
+    """(epoch, input size, global batch length) for each distinct graph the training runs.
 
     The epoch stands for the groups frozen by then (`freeze_finished_groups`,
     single process only); epochs that share frozen groups, size and batch
     lengths keep the first of them.
     """
-    first: dict[tuple[frozenset[int], tuple[int, int], int], int] = {}  # graph -> 1st epoch
+    first: dict[tuple[frozenset[int], int, int], int] = {}  # graph -> first epoch with it
     for epoch, (count, k) in enumerate(zip(counts, epoch_steps, strict=True)):
-        size = epoch_sizes(cfg, epoch)
+        _, size = epoch_sizes(cfg, epoch)  # a shrunk epoch resizes before the net
         stopped = frozenset(i for i, g in enumerate(opt.param_groups)
                             if world.size == 1 and _stopped(g, epoch))
         # global batch lengths, so that every rank warms up the same number of times (its
