@@ -46,6 +46,11 @@ def test_bad_resizing_flags(tmp_path):
     r = run("train", "--model", "fast", "--downscale", "4", "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "--downscale 4", "8 to 32 pixels")
     assert not (tmp_path / "r").exists()
+    # the paper's nets end in fully connected layers sized for 32x32 inputs
+    r = run("train", "--model", "paper-cnn", "--low-res", "24", "--low-res-epochs", "1",
+            "--out", str(tmp_path / "r"))
+    assert_one_line_error(r, "paper-cnn takes 32x32 images only", "--model fast")
+    assert not (tmp_path / "r").exists()
 
 
 def test_missing_weights(tmp_path):

@@ -143,6 +143,12 @@ class TrainConfig:
         # epochs, the cropped ones first)
         c.downscale_epochs = min(c.downscale_epochs, c.epochs - 1) if c.downscale else 0
         c.low_res_epochs = min(c.low_res_epochs, c.epochs - 1 - c.downscale_epochs)
+        small = (c.downscale_epochs and c.downscale != 32) or (
+            c.low_res and c.low_res_epochs and c.low_res != 32)
+        if small and not spec.any_size:
+            raise CifarError(f"--downscale/--low-res: {c.model} takes 32x32 images only (its "
+                             "fully connected layers fix the input size); train it without "
+                             "them, or resize progressively with --model fast")
         if not 0 < c.select_fraction <= 1 or c.select_from_epoch < 1:
             raise CifarError(f"--select-fraction {c.select_fraction} from epoch "
                              f"{c.select_from_epoch}: choose a fraction in (0, 1] and a first "

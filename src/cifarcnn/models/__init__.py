@@ -23,6 +23,8 @@ class ModelSpec:
     build: Callable[..., nn.Module]
     summary: str
     recipe: dict[str, Any] = field(default_factory=dict)
+    # False where fully connected layers fix the input at 32x32: no progressive resizing
+    any_size: bool = False
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -30,7 +32,8 @@ MODELS: dict[str, ModelSpec] = {
                            paper_cnn.RECIPE),
     "paper-mlp": ModelSpec("paper-mlp", paper_mlp.PaperMLP, paper_mlp.__doc__.splitlines()[0],
                            paper_mlp.RECIPE),
-    "fast": ModelSpec("fast", fast.FastNet, fast.__doc__.splitlines()[0], fast.RECIPE),
+    "fast": ModelSpec("fast", fast.FastNet, fast.__doc__.splitlines()[0], fast.RECIPE,
+                      any_size=True),  # it ends in a global pool
 }
 
 
