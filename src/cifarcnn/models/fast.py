@@ -15,10 +15,11 @@ biases and head, a linear decay to zero, label smoothing, alternating flips
 and 2-pixel reflected translations, progressive resizing (the first of 7
 epochs on whole images shrunk to 16x16, the next two on 24x24 crops),
 loss-based selection (the last 4 epochs train on the 70% of images that
-had the highest loss when last seen), and test-time flips and shifts. Widths (airbench uses
-64/256/256), batch size and epochs were chosen by measurement on the 2-core
-CPU, where a narrower net trained longer beat a wide one trained briefly at
-equal time (README, "Fast recipe"; benchmarks/time_to_accuracy.py).
+had the highest loss when last seen), and test-time flips and shifts.
+Widths (airbench uses 64/256/256), batch size and epochs were chosen by
+measurement on the 2-core CPU, where a narrower net trained longer beat a
+wide one trained briefly at equal time (README, "Fast recipe";
+benchmarks/time_to_accuracy.py).
 """
 
 from __future__ import annotations
