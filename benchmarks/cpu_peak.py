@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--torch", action="store_true",
                     help="also time PyTorch's bf16 matmul and convolutions against the peak")
     a = ap.parse_args()
+    if not all(1 <= t <= 256 for t in a.threads):
+        ap.error(f"--threads {a.threads}: give thread counts from 1 to 256")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if "avx512_bf16" not in flags:
         sys.exit("cpu_peak: this CPU lacks AVX512-BF16 (no avx512_bf16 in /proc/cpuinfo); "
