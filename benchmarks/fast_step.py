@@ -114,7 +114,7 @@ def main() -> None:
                 for compiled in (False, True) if a.compile else (False,):
                     t, setup = step_time(widths, batch, res, device, compiled, a.steps)
                     print(f"{w:<12} {batch:>5} {res:>4} {'compile' if compiled else 'eager':<8} "
-                          f"{t * 1e3:>8.0f} {batch / t:>7.0f} {50_000 / batch * t:>8.1f} "
+                          f"{t * 1e3:>8.1f} {batch / t:>7.0f} {50_000 / batch * t:>8.1f} "
                           f"{setup:>9.1f}", flush=True)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -18,6 +18,7 @@ from test_train import tiny_data
 
 import cifarcnn
 from cifarcnn.config import TrainConfig
+from cifarcnn.optim import orthogonalize, orthogonalize_stacked
 from cifarcnn.train import resume, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,6 +49,15 @@ def test_cuda_deterministic_runs_repeat_and_resume_exactly(tmp_path):
     assert resume(tmp_path / "cut", data=data, quiet=True)["resumed"] is True
     assert _same(_weights(tmp_path / "cut"), _weights(tmp_path / "a"))
     torch.use_deterministic_algorithms(False)
+
+
+def test_cuda_stacked_orthogonalize_matches_the_per_matrix_one():
+    # MuonSGD batches the filter banks' Newton-Schulz iterations on CUDA only
+    gen = torch.Generator().manual_seed(0)
+    gs = [torch.randn(s, generator=gen).cuda() for s in [(48, 216), (192, 1728), (300, 40)]]
+    for g, stacked in zip(gs, orthogonalize_stacked(gs), strict=True):
+        assert stacked.is_cuda and stacked.shape == g.shape
+        torch.testing.assert_close(stacked, orthogonalize(g), atol=1e-2, rtol=0)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])

@@ -20,7 +20,7 @@ from cifarcnn.config import TrainConfig
 from cifarcnn.inference import TTA_VIEWS
 from cifarcnn.models import build_model
 from cifarcnn.models.fast import PATCH, FastNet
-from cifarcnn.optim import MuonSGD, orthogonalize
+from cifarcnn.optim import MuonSGD, orthogonalize, orthogonalize_stacked
 from cifarcnn.train import epoch_sizes, freeze_finished_groups, make_optimizer, make_schedule, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +104,15 @@ def test_orthogonalize_flattens_the_spectrum():
     assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 20
 
 
+def test_stacked_orthogonalize_equals_one_matrix_at_a_time():
+    gen = torch.Generator().manual_seed(1)
+    # wide and tall, of different sizes: the batch pads them all to the largest
+    gs = [torch.randn(shape, generator=gen) for shape in [(8, 27), (16, 72), (40, 12), (16, 144)]]
+    for g, stacked in zip(gs, orthogonalize_stacked(gs, steps=4), strict=True):
+        assert stacked.shape == g.shape and stacked.dtype == g.dtype
+        torch.testing.assert_close(stacked, orthogonalize(g, 4), atol=1e-2, rtol=0)
+
+
 def test_muon_sgd_groups_match_torch_sgd_and_muon_steps_are_orthogonal():
     torch.manual_seed(0)
     filt = torch.nn.Parameter(torch.randn(16, 8, 3, 3))
@@ -124,6 +133,26 @@ def test_muon_sgd_groups_match_torch_sgd_and_muon_steps_are_orthogonal():
         s = torch.linalg.svdvals(step)
         assert s.min() > 0.5 and s.max() < 1.5
         assert torch.allclose(normalised.norm(), torch.tensor(4.0))
+
+
+def test_muon_sgd_stacks_the_iterations_on_request_and_by_default_only_on_cuda(monkeypatch):
+    models = {}
+    for stacked in (False, True):
+        torch.manual_seed(0)
+        m = build_model("fast", widths=[8, 16, 16])
+        opt = MuonSGD(m.optimizer_groups(100, 0.1), stacked=stacked)
+        for _ in range(2):
+            for p in m.parameters():
+                p.grad = torch.ones_like(p) + torch.randn_like(p)
+            opt.step()
+        models[stacked] = m.state_dict()
+    for k, v in models[False].items():
+        torch.testing.assert_close(models[True][k], v, atol=1e-3, rtol=0)
+    monkeypatch.setattr("cifarcnn.optim.orthogonalize_stacked", None)  # a CPU never calls it
+    m = build_model("fast", widths=[8, 16, 16])
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    MuonSGD(m.optimizer_groups(100, 0.1)).step()
 
 
 def test_model_args_set_the_muon_group(monkeypatch):
@@ -378,6 +407,18 @@ def test_fast_step_benchmark_times_a_step_and_refuses_bad_widths():
     rates = [float(line.split(": ")[1].split()[0]) for line in r.stdout.splitlines()
              if line.startswith("matmul ")]
     assert len(rates) == 3 and all(rate > 0 for rate in rates)
+
+
+def test_muon_step_benchmark_times_each_orthogonalisation():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"), "--device",
+                        "cpu", "--widths", "8,16,16", "--batch", "8", "--steps", "1",
+                        "--baseline", str(ROOT / "src" / "cifarcnn" / "optim.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: [float(v) for v in line.split()[-2:]]
+            for line in r.stdout.splitlines()[1:]}
+    assert set(rows) == {"per-matrix", "stacked", "baseline"}
+    assert all(0 < opt < whole for opt, whole in rows.values())  # the step includes the optimizer
 
 
 def test_cpu_peak_probe_reports_the_vector_units_rates():
