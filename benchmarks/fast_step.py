@@ -5,7 +5,8 @@
 
 A step is what the training loop does per batch: forward and backward under
 autocast (bf16 on CPU), channels_last, then a MuonSGD step, on random
-images (speed does not depend on the pixels). Prints ms per step, images/s
+images (speed does not depend on the pixels), with the training loop's
+allocator settings (cifarcnn.perf). Prints ms per step, images/s
 and the seconds one 50,000-image epoch takes at that rate; --compile adds a
 torch.compile row per configuration (its compile time apart); --profile
 prints the operators' shares of one configuration's time; --matmul first
@@ -21,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cifarcnn import perf
 from cifarcnn.config import amp_dtype, resolve_device, resolve_precision
 from cifarcnn.models import build_model
 from cifarcnn.optim import MuonSGD
@@ -99,6 +101,7 @@ def main() -> None:
                     help="also time square matrix products (the GEMM ceiling)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
+    perf.tune_allocator()  # as the training loop does (CIFARCNN_NO_MALLOPT=1: off)
     device = resolve_device(a.device)
     if a.matmul:
         dtype = amp_dtype(resolve_precision("auto", device)) or torch.float32

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from fast_step import widths_arg
 
+from cifarcnn import perf
 from cifarcnn.config import amp_dtype, resolve_device, resolve_precision
 from cifarcnn.models import build_model
 from cifarcnn.optim import MuonSGD
@@ -80,6 +81,7 @@ def main() -> None:
                     help="steps per timing (default 40 on CUDA, 3 on a CPU)")
     ap.add_argument("--baseline", help="another optim.py whose MuonSGD to time as well")
     a = ap.parse_args()
+    perf.tune_allocator()  # as the training loop does (CIFARCNN_NO_MALLOPT=1: off)
     device = resolve_device(a.device)
     steps = a.steps or (40 if device == "cuda" else 3)
     variants: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
