@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +91,9 @@ def main() -> None:
     }
     if a.baseline:
         spec = importlib.util.spec_from_file_location("baseline_optim", a.baseline)
-        if spec is None or spec.loader is None:
-            raise SystemExit(f"--baseline {a.baseline}: not a Python file")
+        if not Path(a.baseline).is_file() or spec is None or spec.loader is None:
+            ap.error(f"--baseline {a.baseline}: no such Python file (make one with "
+                     "`git show COMMIT:src/cifarcnn/optim.py > FILE`)")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         variants[f"baseline ({a.baseline})"] = module.MuonSGD

@@ -419,6 +419,10 @@ def test_muon_step_benchmark_times_each_orthogonalisation():
             for line in r.stdout.splitlines()[1:]}
     assert set(rows) == {"per-matrix", "stacked", "baseline"}
     assert all(0 < opt < whole for opt, whole in rows.values())  # the step includes the optimizer
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"),
+                        "--baseline", "no-such-optim.py"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no such Python file" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_cpu_peak_probe_reports_the_vector_units_rates():
