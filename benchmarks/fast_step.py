@@ -9,7 +9,8 @@ images (speed does not depend on the pixels), with the training loop's
 allocator settings (cifarcnn.perf). Prints ms per step, images/s
 and the seconds one 50,000-image epoch takes at that rate; --compile adds a
 torch.compile row per configuration (its compile time apart); --profile
-prints the operators' shares of one configuration's time; --matmul first
+prints the operators' shares of one configuration's time; the page faults per
+step and the resident memory show what the allocator settings do; --matmul first
 times large square matrix products in the autocast dtype, the ceiling the
 convolutions can be compared with.
 """
@@ -17,7 +18,9 @@ convolutions can be compared with.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +31,22 @@ from cifarcnn.models import build_model
 from cifarcnn.optim import MuonSGD
 
 
+def minor_faults() -> int:
+    """Page faults this process has taken so far (memory mapped in anew, not read from disk)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def resident_mib() -> float:
+    """This process's resident memory now (Linux), or its peak elsewhere."""
+    statm = Path("/proc/self/statm")
+    if statm.exists():
+        return int(statm.read_text().split()[1]) * resource.getpagesize() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def step_time(widths: tuple[int, ...], batch: int, res: int, device: str, compiled: bool,
-              steps: int) -> tuple[float, float]:
-    """(best seconds per step, one-time compile seconds)."""
+              steps: int) -> tuple[float, float, float]:
+    """(best seconds per step, one-time compile seconds, page faults per timed step)."""
     model = build_model("fast", widths=list(widths)).to(device).to(
         memory_format=torch.channels_last)
     opt = MuonSGD(model.optimizer_groups(batch, 0.24))
@@ -54,12 +70,13 @@ def step_time(widths: tuple[int, ...], batch: int, res: int, device: str, compil
     first = time.perf_counter() - t0
     one()
     times = []
+    faults = minor_faults()
     for _ in range(steps):
         t0 = time.perf_counter()
         one()
         times.append(time.perf_counter() - t0)
     best = min(times)
-    return best, (first - best) if compiled else 0.0
+    return best, (first - best) if compiled else 0.0, (minor_faults() - faults) / steps
 
 
 def matmul_tflops(n: int, device: str, dtype: torch.dtype, steps: int) -> float:
@@ -109,16 +126,16 @@ def main() -> None:
             print(f"matmul {n}x{n} {str(dtype).removeprefix('torch.')}: "
                   f"{matmul_tflops(n, device, dtype, a.steps):.2f} TFLOP/s", flush=True)
     print(f"{'widths':<12} {'batch':>5} {'res':>4} {'mode':<8} {'ms/step':>8} {'img/s':>7} "
-          f"{'s/epoch':>8} {'compile s':>9}")
+          f"{'s/epoch':>8} {'compile s':>9} {'faults/step':>11} {'RSS MiB':>8}")
     for widths in a.widths:
         w = ",".join(map(str, widths))
         for batch in a.batch:
             for res in a.res:
                 for compiled in (False, True) if a.compile else (False,):
-                    t, setup = step_time(widths, batch, res, device, compiled, a.steps)
+                    t, setup, faults = step_time(widths, batch, res, device, compiled, a.steps)
                     print(f"{w:<12} {batch:>5} {res:>4} {'compile' if compiled else 'eager':<8} "
                           f"{t * 1e3:>8.1f} {batch / t:>7.0f} {50_000 / batch * t:>8.1f} "
-                          f"{setup:>9.1f}", flush=True)
+                          f"{setup:>9.1f} {faults:>11.0f} {resident_mib():>8.0f}", flush=True)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -404,6 +404,8 @@ def test_fast_step_benchmark_times_a_step_and_refuses_bad_widths():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "8,16,16" in r.stdout and "convolution" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("8,16,16"))
+    assert float(row.split()[-1]) > 0 and float(row.split()[-2]) >= 0  # resident MiB, faults
     rates = [float(line.split(": ")[1].split()[0]) for line in r.stdout.splitlines()
              if line.startswith("matmul ")]
     assert len(rates) == 3 and all(rate > 0 for rate in rates)
