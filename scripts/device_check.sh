@@ -48,7 +48,8 @@ step modes 300 "$PY" -m cifarcnn bench modes --model paper-cnn --epochs 25 --run
     --data "$DATA" --devices cuda --out "$OUT_DIR/modes-cuda"
 step wide 120 "$PY" benchmarks/time_to_accuracy.py --runs 3 --data "$DATA" \
     --device cuda --model-arg 'widths=[64,256,256]' --epochs 16 --downscale 0 --low-res 24 \
-    --low-res-epochs 6 --lr 0.15 --target 0.91 --json "$OUT_DIR/time-to-accuracy-cuda-wide.json"
+    --low-res-epochs 6 --batch-size 500 --lr 0.15 --target 0.91 \
+    --json "$OUT_DIR/time-to-accuracy-cuda-wide.json"
 step compile 240 "$PY" benchmarks/time_to_accuracy.py --runs 3 --data "$DATA" \
     --device cuda --mode compile --target 0.89 \
     --json "$OUT_DIR/time-to-accuracy-cuda-compile.json"

@@ -70,6 +70,22 @@ def test_whitening_layer_whitens_patches():
     assert (before - torch.diag(before.diagonal())).abs().max() > 0.5  # it was correlated
 
 
+def test_whiten_eps_damps_the_weakest_patch_directions():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 3, 16, 16, generator=g)
+    x = x + 0.05 * torch.roll(x, 1, 2)  # unequal patch variances
+    patches = F.unfold(x, PATCH).transpose(1, 2).reshape(-1, 12).double()
+    eigval = torch.linalg.eigvalsh(torch.cov(patches.T))
+    eps = float(eigval[0])  # as large as the weakest direction: its variance comes out halved
+    m = build_model("fast", whiten_eps=eps)
+    m.init_from_data(x)
+    with torch.no_grad():
+        out = m.whiten(x)[:, :3 * PATCH * PATCH]
+    got = torch.linalg.eigvalsh(torch.cov(out.permute(0, 2, 3, 1).reshape(-1, 12).double().T))
+    torch.testing.assert_close(got, eigval / (eigval + eps), atol=2e-3, rtol=0)
+    assert got[0] == pytest.approx(0.5, abs=2e-3) and got[-1] > 0.95
+
+
 def test_tta_equals_the_explicit_average_of_its_views(tmp_path):
     data = tiny_data(128, 40)
     train(TrainConfig(model="paper-cnn", epochs=1, batch_size=64, precision="fp32",
@@ -327,6 +343,10 @@ def test_time_to_accuracy_benchmark_prints_the_table_and_writes_json(tmp_path):
         assert 0 <= run["accuracy"] <= 1 and run["train_seconds"] > 0
         assert run["tta"] == "flip-shift"  # the fast recipe's, applied at the last epoch
     assert result["target"]["epoch"] == 1  # any trained net beats 1%
+    # the settings trained with: the flags given over the recipe, no per-run fields
+    settings = result["settings"]
+    assert settings["batch_size"] == 100 and settings["model_kwargs"] == {"widths": [8, 16, 16]}
+    assert settings["label_smoothing"] == 0.2 and "seed" not in settings and "out" not in settings
     assert "mean" in r.stdout and "target 1.00%: mean reached" in r.stdout
     table = subprocess.run([sys.executable, "-m", "cifarcnn", "results",
                             str(tmp_path / "kept")], capture_output=True, text=True)

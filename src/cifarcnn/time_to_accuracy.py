@@ -44,6 +44,7 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
         data = data or load_cifar10(data_path, verbose=True)
         summaries = run_experiment(cfg, runs, root, data=data, quiet=True)
         histories = [_history(root / s["run"]) for s in summaries]
+        settings = json.loads((root / summaries[0]["run"] / "config.json").read_text())
     results = []
     for seed, s in enumerate(summaries):
         results.append({"seed": s["seed"], "accuracy": s["val_accuracy_no_tta"],
@@ -57,7 +58,11 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
         log(f"seed {seed}: accuracy {s['val_accuracy_no_tta']:.2%}, with TTA "
             f"({s['tta']}) {s['val_accuracy']:.2%}, {s['train_seconds']:.1f}s training"
             + (f" (+{s['setup_seconds']:.1f}s set-up)" if s["setup_seconds"] else ""))
-    out: dict[str, Any] = {"model": model, "runs": results, "mean": {}}
+    # what the runs trained with (the recipe plus the flags given), so a result file
+    # says which recipe it measured; the per-run fields (seed, folders) are left out
+    for key in ("seed", "out", "data", "download"):
+        settings.pop(key, None)
+    out: dict[str, Any] = {"model": model, "settings": settings, "runs": results, "mean": {}}
     for key in ("accuracy", "tta_accuracy", "train_seconds"):
         values = [r[key] for r in results]
         out["mean"][key] = statistics.mean(values)

@@ -32,9 +32,9 @@ from torch import nn
 
 RECIPE = {
     "epochs": 8,
-    "batch_size": 500,
+    "batch_size": 1000,  # as accurate as 500 over 3 seeds, 5% faster (half the steps)
     "optimizer": "muon",
-    "lr": 0.12,  # Muon step on the renormalised filters; airbench: 0.24 at 4x our batch
+    "lr": 0.17,  # Muon step per batch: 0.12 measured best at 500; airbench's 0.24 is at 2000
     "momentum": 0.85,  # SGD groups; Muon's own momentum is the model's muon_momentum
     "weight_decay": 0.0,  # per group below
     "schedule": "onecycle",  # with no warm-up: a straight decay from full rate to 0
@@ -92,16 +92,21 @@ class FastNet(nn.Module):
     def __init__(self, widths: tuple[int, int, int] = (48, 192, 256), num_classes: int = 10,
                  bn_momentum: float = 0.4, muon_momentum: float = 0.6, ns_steps: int = 3,
                  freeze_first_group: int = 0,
-                 pool_first: tuple[bool, bool, bool] = (False, False, False)) -> None:
+                 pool_first: tuple[bool, bool, bool] = (False, False, False),
+                 whiten_eps: float = 5e-4) -> None:
         """`muon_momentum`, `ns_steps` (Newton-Schulz iterations) and `freeze_first_group`
         shape the groups `optimizer_groups` returns: they live here so `--model-arg`
         reaches them and the weights' metadata records them. `pool_first` (one flag per
         group) moves a group's max-pool before its first conv, which then runs at a
         quarter of the positions, as a stride-2 ResNet stage does: on a CPU the FLOPs
-        are the time, but it lost accuracy per second here (README, "Fast recipe")."""
+        are the time, but it lost accuracy per second here (README, "Fast recipe").
+        `whiten_eps` is added to the patch variances before the whitening divides by
+        their square roots: larger values amplify the weakest directions less (on the
+        JPEG data two of the 12 have variances ~1e-4; damping them did not pay)."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
+        self.whiten_eps = whiten_eps
         dims = 3 * PATCH * PATCH
         self.whiten = nn.Conv2d(3, 2 * dims, PATCH, padding=0)
         self.whiten.weight.requires_grad_(False)
@@ -115,7 +120,7 @@ class FastNet(nn.Module):
             self.head.weight /= self.head.weight.std()  # unit weights; forward divides by width
 
     @torch.no_grad()
-    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+    def init_from_data(self, images: torch.Tensor, eps: float | None = None) -> None:
         """Set the whitening filters from normalised training images (N, 3, H, W).
 
         The 12 eigenvectors of the 2x2x3 patch covariance, each scaled by
@@ -123,6 +128,7 @@ class FastNet(nn.Module):
         variance; the filters appear with both signs so the GELU after them
         loses nothing. The bias centres the patches.
         """
+        eps = self.whiten_eps if eps is None else eps
         x = images.float()
         patches = F.unfold(x, PATCH).transpose(1, 2).reshape(-1, 3 * PATCH * PATCH)
         mean = patches.mean(0)
