@@ -1,13 +1,17 @@
 """Where the fast recipe's time goes: one training step per configuration, timed.
 
     python benchmarks/fast_step.py [--widths 48,192,256 64,256,256] [--batch 500]
-        [--res 32 24] [--compile] [--profile] [--matmul] [--device cpu]
+        [--res 32 24] [--model-arg KEY=VALUE] [--frozen-whiten] [--compile] [--profile]
+        [--matmul] [--device cpu]
 
 A step is what the training loop does per batch: forward and backward under
 autocast (bf16 on CPU), channels_last, then a MuonSGD step, on random
 images (speed does not depend on the pixels), with the training loop's
 allocator settings (cifarcnn.perf). Prints ms per step, images/s
-and the seconds one 50,000-image epoch takes at that rate; --compile adds a
+and the seconds one 50,000-image epoch takes at that rate; --model-arg passes
+a model argument (e.g. whiten_act=false), --frozen-whiten times the steps
+after the whitening bias stops training (the recipe's epochs 4 on, where the
+backward pass ends at the first conv's filters); --compile adds a
 torch.compile row per configuration (its compile time apart); --profile
 prints the operators' shares of one configuration's time; the page faults per
 step and the resident memory show what the allocator settings do; --matmul first
@@ -26,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from cifarcnn import perf
+from cifarcnn.cli import parse_model_args
 from cifarcnn.config import amp_dtype, resolve_device, resolve_precision
+from cifarcnn.errors import CifarError
 from cifarcnn.models import build_model
 from cifarcnn.optim import MuonSGD
 
@@ -45,11 +51,15 @@ def resident_mib() -> float:
 
 
 def step_time(widths: tuple[int, ...], batch: int, res: int, device: str, compiled: bool,
-              steps: int) -> tuple[float, float, float]:
+              steps: int, model_args: dict | None = None,
+              frozen_whiten: bool = False) -> tuple[float, float, float]:
     """(best seconds per step, one-time compile seconds, page faults per timed step)."""
-    model = build_model("fast", widths=list(widths)).to(device).to(
+    model = build_model("fast", widths=list(widths), **(model_args or {})).to(device).to(
         memory_format=torch.channels_last)
-    opt = MuonSGD(model.optimizer_groups(batch, 0.24))
+    if frozen_whiten and model.whiten.bias is not None:
+        model.whiten.bias.requires_grad_(False)
+    opt = MuonSGD([g for g in model.optimizer_groups(batch, 0.24)
+                   if any(p.requires_grad for p in g["params"])])
     net = torch.compile(model) if compiled else model
     dtype = amp_dtype(resolve_precision("auto", device))
     x = torch.randn(batch, 3, res, res, device=device).to(
@@ -111,6 +121,10 @@ def main() -> None:
     ap.add_argument("--batch", nargs="+", type=int, default=[500])
     ap.add_argument("--res", nargs="+", type=int, default=[32, 24])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="model constructor argument, VALUE in JSON (repeatable)")
+    ap.add_argument("--frozen-whiten", action="store_true",
+                    help="the whitening bias no longer trains (the recipe from epoch 4)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--profile", action="store_true",
                     help="operator shares of the first configuration")
@@ -118,6 +132,10 @@ def main() -> None:
                     help="also time square matrix products (the GEMM ceiling)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
+    try:
+        model_args = parse_model_args(a.model_arg)
+    except CifarError as e:
+        ap.error(str(e))
     perf.tune_allocator()  # as the training loop does (CIFARCNN_NO_MALLOPT=1: off)
     device = resolve_device(a.device)
     if a.matmul:
@@ -132,7 +150,8 @@ def main() -> None:
         for batch in a.batch:
             for res in a.res:
                 for compiled in (False, True) if a.compile else (False,):
-                    t, setup, faults = step_time(widths, batch, res, device, compiled, a.steps)
+                    t, setup, faults = step_time(widths, batch, res, device, compiled, a.steps,
+                                                 model_args, a.frozen_whiten)
                     print(f"{w:<12} {batch:>5} {res:>4} {'compile' if compiled else 'eager':<8} "
                           f"{t * 1e3:>8.1f} {batch / t:>7.0f} {50_000 / batch * t:>8.1f} "
                           f"{setup:>9.1f} {faults:>11.0f} {resident_mib():>8.0f}", flush=True)
@@ -144,7 +163,8 @@ def main() -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda"
                                                else [])
         with profile(activities=activities) as prof:
-            step_time(a.widths[0], a.batch[0], a.res[0], device, False, 2)
+            step_time(a.widths[0], a.batch[0], a.res[0], device, False, 2, model_args,
+                      a.frozen_whiten)
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=12))
         if device == "cuda":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from test_train import tiny_data
 
 import cifarcnn
-from cifarcnn import augment
+from cifarcnn import augment, modes
 from cifarcnn.config import TrainConfig
 from cifarcnn.inference import TTA_VIEWS
 from cifarcnn.models import build_model
@@ -50,21 +50,25 @@ def test_pool_first_groups_convolve_at_half_resolution():
     assert [sizes[(0, 1, 1), i] for i in range(3)] == [31, 7, 3]
 
 
-def test_whitening_layer_whitens_patches():
+@pytest.mark.parametrize("act", [True, False])
+def test_whitening_layer_whitens_patches(act):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(400, 1, 32, 32, generator=g)
     # strongly correlated channels and neighbouring pixels, far from white
     x = torch.cat([base, 0.8 * base + 0.2 * torch.randn(400, 1, 32, 32, generator=g),
                    torch.roll(base, 1, 3) + 0.1 * torch.randn(400, 1, 32, 32, generator=g)], 1)
-    m = build_model("fast")
+    m = build_model("fast", whiten_act=act)
     m.init_from_data(x, eps=0.0)
     with torch.no_grad():
-        out = m.whiten(x)[:, :3 * PATCH * PATCH]  # the + half; the - half mirrors it
+        out = m.whiten(x)
+    assert out.shape[1] == (2 if act else 1) * 3 * PATCH * PATCH
+    out = out[:, :3 * PATCH * PATCH]  # the + half; the - half mirrors it
     flat = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).double()
     cov = torch.cov(flat.T)
     torch.testing.assert_close(cov, torch.eye(len(cov), dtype=torch.float64), atol=2e-3,
                                rtol=0)
-    assert flat.mean(0).abs().max() < 1e-3
+    if act:  # the bias centres the patches; without it the BatchNorm later does
+        assert flat.mean(0).abs().max() < 1e-3
     patches = F.unfold(x, PATCH).transpose(1, 2).reshape(-1, 12).double()
     before = torch.cov(patches.T)
     assert (before - torch.diag(before.diagonal())).abs().max() > 0.5  # it was correlated
@@ -84,6 +88,66 @@ def test_whiten_eps_damps_the_weakest_patch_directions():
     got = torch.linalg.eigvalsh(torch.cov(out.permute(0, 2, 3, 1).reshape(-1, 12).double().T))
     torch.testing.assert_close(got, eigval / (eigval + eps), atol=2e-3, rtol=0)
     assert got[0] == pytest.approx(0.5, abs=2e-3) and got[-1] > 0.95
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # BatchNorm's batch-size check
+def test_folded_first_layer_is_the_whitening_then_the_first_conv():
+    # whiten_act=False: a linear whitening (one sign, no bias) whose conv the first
+    # group's 3x3 conv is folded into; inside the border both must give the same
+    # output, and the first conv's filters the same gradient
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    m = build_model("fast", widths=[8, 16, 16], whiten_act=False)
+    m.init_from_data(x)
+    assert m.whiten.bias is None and m.whiten.out_channels == 3 * PATCH * PATCH
+    conv1 = m.groups[0].conv1.weight
+    with torch.no_grad():
+        conv1.normal_(generator=g)
+    folded = F.conv2d(x, m.folded_kernel(), padding=1)
+    direct = m.groups[0].conv1(m.whiten(x))
+    assert folded.shape == direct.shape == (6, 8, 31, 31)
+    torch.testing.assert_close(folded[..., 1:-1, 1:-1], direct[..., 1:-1, 1:-1],
+                               atol=1e-4, rtol=1e-4)
+    assert (folded - direct).abs().max() > 1e-2  # the borders do differ
+    weights = torch.randn(folded[..., 1:-1, 1:-1].shape, generator=g)
+    grads = [torch.autograd.grad((out[..., 1:-1, 1:-1] * weights).sum(), conv1)[0]
+             for out in (F.conv2d(x, m.folded_kernel(), padding=1),
+                         m.groups[0].conv1(m.whiten(x)))]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-3, rtol=1e-4)
+    # the model's forward takes the folded path, and every parameter trains through it
+    m(x).square().sum().backward()
+    assert conv1.grad is not None and m.groups[2].conv2.weight.grad is not None
+    unfolded = FastNet(widths=(8, 16, 16), whiten_act=False, pool_first=(True, False, False))
+    assert not unfolded.fold_first and unfolded(x).shape == (6, 10)
+    m.eval()
+    for mode in ("trace", "script"):  # the folded path exports as eager runs it
+        net = modes.wrap(m, mode, x).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), m(x))
+
+
+def test_whiten_dims_keeps_the_strongest_directions():
+    x = torch.randn(50, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    x[:, 1] *= 3  # a strong channel
+    full, four = build_model("fast"), build_model("fast", whiten_dims=4)
+    for m in (full, four):
+        m.init_from_data(x)
+    assert four.whiten.out_channels == 8 and four.groups[0].conv1.in_channels == 8
+    torch.testing.assert_close(four.whiten.weight[:4], full.whiten.weight[8:12])  # + half
+    torch.testing.assert_close(four.whiten.weight[4:], -four.whiten.weight[:4])  # - half
+    assert four(x[:2]).shape == (2, 10)
+    with pytest.raises(ValueError, match="whiten_dims=13"):
+        build_model("fast", whiten_dims=13)
+
+
+def test_linear_whitening_drops_the_whitening_bias_group():
+    cfg = TrainConfig(model="fast").resolved()
+    for act, stopping in ((True, 1), (False, 0)):
+        model = build_model("fast", widths=[8, 16, 16], whiten_act=act)
+        opt = make_optimizer(model, cfg, global_batch=100)
+        assert sum(bool(g.get("stop_epochs")) for g in opt.param_groups) == stopping
+        trained = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert trained == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def test_tta_equals_the_explicit_average_of_its_views(tmp_path):
@@ -429,6 +493,15 @@ def test_fast_step_benchmark_times_a_step_and_refuses_bad_widths():
     rates = [float(line.split(": ")[1].split()[0]) for line in r.stdout.splitlines()
              if line.startswith("matmul ")]
     assert len(rates) == 3 and all(rate > 0 for rate in rates)
+    for extra in (["--model-arg", "whiten_act=false"], ["--model-arg", "whiten_dims=4",
+                                                         "--frozen-whiten"]):
+        r = subprocess.run([sys.executable, script, "--widths", "8,16,16", "--batch", "8",
+                            "--res", "16", "--steps", "1", "--device", "cpu", *extra],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "8,16,16" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, script, "--model-arg", "whiten_act"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "expected KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_muon_step_benchmark_times_each_orthogonalisation():

@@ -125,7 +125,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="under DDP, seconds a rank waits for the others before the job fails")
 
 
-def _parse_model_args(items: list[str]) -> dict:
+def parse_model_args(items: list[str]) -> dict:
+    """--model-arg items -> constructor keywords: each VALUE read as JSON, else kept as text."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -186,7 +187,7 @@ def _config_from_flags(a: argparse.Namespace):
     from .config import TrainConfig
 
     return TrainConfig(
-        model=a.model, model_kwargs=_parse_model_args(a.model_arg), epochs=a.epochs,
+        model=a.model, model_kwargs=parse_model_args(a.model_arg), epochs=a.epochs,
         batch_size=a.batch_size, optimizer=a.optimizer,
         lr=a.lr, momentum=a.momentum, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
         weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, tta=a.tta,
@@ -208,7 +209,7 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
     if a.target is not None and not 0 < a.target <= 1:
         raise CifarError(f"--target {a.target}: give an accuracy between 0 and 1 (e.g. 0.91)")
     overrides = {"device": a.device, "mode": a.mode,
-                 "model_kwargs": _parse_model_args(a.model_arg)}
+                 "model_kwargs": parse_model_args(a.model_arg)}
     for key in ("epochs", "batch_size", "lr", "downscale", "downscale_epochs", "low_res",
                 "low_res_epochs", "select_fraction", "select_from_epoch", "lookahead"):
         if getattr(a, key) is not None:
