@@ -144,10 +144,11 @@ class FastNet(nn.Module):
     def init_from_data(self, images: torch.Tensor, eps: float | None = None) -> None:
         """Set the whitening filters from normalised training images (N, 3, H, W).
 
-        The 12 eigenvectors of the 2x2x3 patch covariance, each scaled by
-        1/sqrt(eigenvalue), make the layer's outputs decorrelated with unit
-        variance; the filters appear with both signs so the GELU after them
-        loses nothing. The bias centres the patches.
+        The 12 eigenvectors of the 2x2x3 patch covariance (or the `whiten_dims`
+        strongest), each scaled by 1/sqrt(eigenvalue), make the layer's outputs
+        decorrelated with unit variance; the filters appear with both signs so the
+        GELU after them loses nothing, and the bias centres the patches (the linear
+        `whiten_act=False` layer keeps one sign and no bias).
         """
         eps = self.whiten_eps if eps is None else eps
         x = images.float()
