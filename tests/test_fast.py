@@ -150,6 +150,31 @@ def test_linear_whitening_drops_the_whitening_bias_group():
         assert trained == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+def test_extra_convs_deepen_a_group_and_train_with_the_others():
+    plain = build_model("fast", widths=[8, 16, 16])
+    assert not any("extra" in k for k in plain.state_dict())  # old weights still load
+    cfg = TrainConfig(model="fast").resolved()
+    for residual in (False, True):
+        m = build_model("fast", widths=[8, 16, 16], extra_convs=[0, 0, 2],
+                        extra_residual=residual)
+        assert len(m.groups[2].extra) == 2 and len(m.groups[1].extra) == 0
+        opt = make_optimizer(m, cfg, global_batch=100)
+        muon = {id(p) for g in opt.param_groups if g.get("muon") for p in g["params"]}
+        assert id(m.groups[2].extra[1].conv.weight) in muon
+        trained = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert trained == {id(p) for p in m.parameters() if p.requires_grad}
+        m.eval()
+        x = torch.randn(3, 3, 32, 32)
+        torch.testing.assert_close(torch.jit.script(m)(x), m(x))
+        # a zeroed conv gives BatchNorm's bias (0), GELU(0) = 0: a residual conv then
+        # passes its input through, a plain one blocks it
+        layer = m.groups[2].extra[0]
+        with torch.no_grad():
+            layer.conv.weight.zero_()
+        h = torch.randn(2, 16, 3, 3)
+        torch.testing.assert_close(layer(h), h if residual else torch.zeros_like(h))
+
+
 def test_tta_equals_the_explicit_average_of_its_views(tmp_path):
     data = tiny_data(128, 40)
     train(TrainConfig(model="paper-cnn", epochs=1, batch_size=64, precision="fp32",

@@ -67,8 +67,30 @@ class BatchNorm(nn.BatchNorm2d):
         self.weight.requires_grad_(False)  # the scale stays 1: the conv before sets it
 
 
+def dirac_init(conv: nn.Conv2d) -> None:
+    """Start a conv's first filters as identities: the input passes through untouched."""
+    w = conv.weight.data
+    nn.init.dirac_(w[:min(w.shape[:2])])
+
+
+class ExtraConv(nn.Module):
+    """One more conv3x3, BatchNorm, GELU at a group's resolution, optionally residual."""
+
+    def __init__(self, channels: int, bn_momentum: float, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = BatchNorm(channels, bn_momentum)
+        dirac_init(self.conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.norm(self.conv(x)))
+        return x + y if self.residual else y
+
+
 class ConvGroup(nn.Module):
-    def __init__(self, cin: int, cout: int, bn_momentum: float, pool_first: bool = False) -> None:
+    def __init__(self, cin: int, cout: int, bn_momentum: float, pool_first: bool = False,
+                 extra: int = 0, residual: bool = False) -> None:
         super().__init__()
         self.pool_first = pool_first
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
@@ -76,9 +98,8 @@ class ConvGroup(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.norm2 = BatchNorm(cout, bn_momentum)
         for conv in (self.conv1, self.conv2):
-            # the first filters start as identities: the input passes through untouched
-            w = conv.weight.data
-            nn.init.dirac_(w[:min(w.shape[:2])])
+            dirac_init(conv)
+        self.extra = nn.Sequential(*[ExtraConv(cout, bn_momentum, residual) for _ in range(extra)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool_first:
@@ -90,7 +111,7 @@ class ConvGroup(nn.Module):
         if not self.pool_first:
             x = F.max_pool2d(x, 2)
         x = F.gelu(self.norm1(x))
-        return F.gelu(self.norm2(self.conv2(x)))
+        return self.extra(F.gelu(self.norm2(self.conv2(x))))
 
 
 class FastNet(nn.Module):
@@ -99,7 +120,8 @@ class FastNet(nn.Module):
                  freeze_first_group: int = 0,
                  pool_first: tuple[bool, bool, bool] = (False, False, False),
                  whiten_eps: float = 5e-4, whiten_act: bool = True,
-                 whiten_dims: int = 0) -> None:
+                 whiten_dims: int = 0, extra_convs: tuple[int, int, int] = (0, 0, 0),
+                 extra_residual: bool = False) -> None:
         """`muon_momentum`, `ns_steps` (Newton-Schulz iterations) and `freeze_first_group`
         shape the groups `optimizer_groups` returns: they live here so `--model-arg`
         reaches them and the weights' metadata records them. `pool_first` (one flag per
@@ -112,8 +134,10 @@ class FastNet(nn.Module):
         `whiten_dims` keeps only that many of the strongest directions (0: all 12), so
         the first conv reads fewer channels. `whiten_act=False` makes the whitening
         linear (one sign, no bias, no GELU) and folds it into the first conv, ~4x fewer
-        multiply-adds at full resolution (`folded_kernel`). Both measured slower per
-        accuracy point than the defaults (README, "Fast recipe")."""
+        multiply-adds at full resolution (`folded_kernel`). `extra_convs` (one count per
+        group) appends that many more conv, BatchNorm, GELU layers to a group, added to
+        their input with `extra_residual` (airbench96's deeper groups). All measured
+        slower per accuracy point than the defaults (README, "Fast recipe")."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
@@ -133,9 +157,11 @@ class FastNet(nn.Module):
         channels = 2 * dims if self.whiten_act else dims
         self.whiten = nn.Conv2d(3, channels, PATCH, padding=0, bias=self.whiten_act)
         self.whiten.weight.requires_grad_(False)
-        self.groups = nn.Sequential(ConvGroup(channels, w1, bn_momentum, p1),
-                                    ConvGroup(w1, w2, bn_momentum, p2),
-                                    ConvGroup(w2, w3, bn_momentum, p3))
+        e1, e2, e3 = (int(e) for e in extra_convs)
+        r = bool(extra_residual)
+        self.groups = nn.Sequential(ConvGroup(channels, w1, bn_momentum, p1, e1, r),
+                                    ConvGroup(w1, w2, bn_momentum, p2, e2, r),
+                                    ConvGroup(w2, w3, bn_momentum, p3, e3, r))
         self.head = nn.Linear(w3, num_classes, bias=False)
         with torch.no_grad():
             self.head.weight /= self.head.weight.std()  # unit weights; forward divides by width
