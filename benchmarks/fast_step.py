@@ -2,7 +2,7 @@
 
     python benchmarks/fast_step.py [--widths 48,192,256 64,256,256] [--batch 500]
         [--res 32 24] [--model-arg KEY=VALUE] [--frozen-whiten] [--compile] [--profile]
-        [--matmul] [--device cpu]
+        [--matmul] [--layers] [--device cpu]
 
 A step is what the training loop does per batch: forward and backward under
 autocast (bf16 on CPU), channels_last, then a MuonSGD step, on random
@@ -16,7 +16,10 @@ torch.compile row per configuration (its compile time apart); --profile
 prints the operators' shares of one configuration's time; the page faults per
 step and the resident memory show what the allocator settings do; --matmul first
 times large square matrix products in the autocast dtype, the ceiling the
-convolutions can be compared with.
+convolutions can be compared with; --layers times each conv of the first
+configuration on its own: forward, input gradient and filter gradient, with
+the rate each reaches (counted by the filter taps inside the image, as oneDNN
+skips the ones on the zero padding).
 """
 
 from __future__ import annotations
@@ -103,6 +106,70 @@ def matmul_tflops(n: int, device: str, dtype: torch.dtype, steps: int) -> float:
     return 2 * n**3 / best / 1e12
 
 
+def inside_taps(size: int, kernel: int = 3) -> int:
+    """Filter taps of a same-padded conv that fall inside a size x size image."""
+    half = kernel // 2
+    per_axis = sum(min(size - 1, i + half) - max(0, i - half) + 1 for i in range(size))
+    return per_axis * per_axis
+
+
+def conv_times(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
+               steps: int) -> list[float]:
+    """Best seconds of a same-padded 3x3 conv's forward, input gradient (from output
+    gradient g) and filter gradient, each computed alone."""
+    def backward(mask: list[bool]) -> None:
+        torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                            [0, 0], 1, mask)
+
+    times = []
+    for fn in (lambda: F.conv2d(x, w, padding=1), lambda: backward([True, False, False]),
+               lambda: backward([False, True, False])):
+        best = float("inf")
+        for _ in range(steps + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            fn()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    return times
+
+
+def layer_times(widths: tuple[int, ...], batch: int, res: int, device: str, steps: int,
+                model_args: dict | None = None) -> list[tuple[str, float, float, float, int]]:
+    """Per conv of the groups: (name, forward s, input-gradient s, filter-gradient s,
+    multiply-adds inside the image), each the best of `steps` on random tensors."""
+    model = build_model("fast", widths=list(widths), **(model_args or {})).to(device)
+    dtype = amp_dtype(resolve_precision("auto", device)) or torch.float32
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):  # a hook that returns None leaves the output alone
+        return lambda mod, inp, out: shapes.__setitem__(name, tuple(inp[0].shape))
+
+    hooks = [m.register_forward_hook(record(name))
+             for name, m in model.groups.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.randn(2, 3, res, res, device=device))
+    for h in hooks:
+        h.remove()
+    cl = torch.channels_last
+    rows = []
+    for name, m in model.groups.named_modules():
+        if name not in shapes:
+            continue
+        _, cin, size, _ = shapes[name]
+        x = torch.randn(batch, cin, size, size, device=device, dtype=dtype).contiguous(
+            memory_format=cl)
+        w = m.weight.detach().to(dtype).contiguous(memory_format=cl)
+        g = torch.randn(batch, m.out_channels, size, size, device=device,
+                        dtype=dtype).contiguous(memory_format=cl)
+
+        times = conv_times(x, w, g, steps)
+        macs = batch * inside_taps(size) * cin * m.out_channels
+        rows.append((f"{name} {cin}->{m.out_channels} @{size}", *times, macs))
+    return rows
+
+
 def widths_arg(text: str) -> tuple[int, int, int]:
     """'48,192,256' -> (48, 192, 256): the three groups' widths."""
     try:
@@ -130,6 +197,8 @@ def main() -> None:
                     help="operator shares of the first configuration")
     ap.add_argument("--matmul", action="store_true",
                     help="also time square matrix products (the GEMM ceiling)")
+    ap.add_argument("--layers", action="store_true",
+                    help="time each conv of the first configuration: forward and gradients")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
     try:
@@ -155,6 +224,13 @@ def main() -> None:
                     print(f"{w:<12} {batch:>5} {res:>4} {'compile' if compiled else 'eager':<8} "
                           f"{t * 1e3:>8.1f} {batch / t:>7.0f} {50_000 / batch * t:>8.1f} "
                           f"{setup:>9.1f} {faults:>11.0f} {resident_mib():>8.0f}", flush=True)
+    if a.layers:
+        print(f"\n{'conv':<24} {'fwd ms':>7} {'TF/s':>5} {'dinput':>7} {'TF/s':>5} "
+              f"{'dweight':>7} {'TF/s':>5}")
+        for name, *times, macs in layer_times(a.widths[0], a.batch[0], a.res[0], device,
+                                               a.steps, model_args):
+            cells = " ".join(f"{t * 1e3:>7.2f} {2 * macs / t / 1e12:>5.2f}" for t in times)
+            print(f"{name:<24} {cells}", flush=True)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 

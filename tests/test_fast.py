@@ -509,21 +509,27 @@ def test_fast_step_benchmark_times_a_step_and_refuses_bad_widths():
     assert r.returncode == 2 and "give three positive widths" in r.stderr
     assert "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, script, "--widths", "8,16,16", "--batch", "8", "--res",
-                        "16", "--steps", "1", "--device", "cpu", "--profile", "--matmul"],
-                       capture_output=True, text=True, timeout=120)
+                        "16", "--steps", "1", "--device", "cpu", "--profile", "--matmul",
+                        "--layers"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "8,16,16" in r.stdout and "convolution" in r.stdout
+    # one row per conv: its shape (whitening leaves 15x15 of 16) and three times and rates
+    convs = [line.split() for line in r.stdout.splitlines() if ".conv" in line]
+    assert [c[:3] for c in convs[:2]] == [["0.conv1", "24->8", "@15"], ["0.conv2", "8->8", "@7"]]
+    assert len(convs) == 6 and all(float(v) >= 0 for c in convs for v in c[3:])
     row = next(line for line in r.stdout.splitlines() if line.startswith("8,16,16"))
     assert float(row.split()[-1]) > 0 and float(row.split()[-2]) >= 0  # resident MiB, faults
     rates = [float(line.split(": ")[1].split()[0]) for line in r.stdout.splitlines()
              if line.startswith("matmul ")]
     assert len(rates) == 3 and all(rate > 0 for rate in rates)
     for extra in (["--model-arg", "whiten_act=false"], ["--model-arg", "whiten_dims=4",
-                                                         "--frozen-whiten"]):
+                                                         "--frozen-whiten"],
+                  ["--model-arg", "extra_convs=[0,0,1]", "--layers"]):
         r = subprocess.run([sys.executable, script, "--widths", "8,16,16", "--batch", "8",
                             "--res", "16", "--steps", "1", "--device", "cpu", *extra],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "8,16,16" in r.stdout, r.stderr
+    assert "2.extra.0.conv 16->16 @1" in r.stdout
     r = subprocess.run([sys.executable, script, "--model-arg", "whiten_act"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "expected KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
