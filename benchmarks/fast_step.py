@@ -163,7 +163,6 @@ def layer_times(widths: tuple[int, ...], batch: int, res: int, device: str, step
         w = m.weight.detach().to(dtype).contiguous(memory_format=cl)
         g = torch.randn(batch, m.out_channels, size, size, device=device,
                         dtype=dtype).contiguous(memory_format=cl)
-
         times = conv_times(x, w, g, steps)
         macs = batch * inside_taps(size) * cin * m.out_channels
         rows.append((f"{name} {cin}->{m.out_channels} @{size}", *times, macs))

@@ -75,6 +75,16 @@ def trained(tmp_path_factory):
     return tmp, arc, r
 
 
+def test_bad_model_argument_values_stop_before_the_run_starts(trained, tmp_path):
+    _, arc, _ = trained
+    for arg, needle in (("extra_convs=[0,-1,0]", "three counts >= 0"),
+                        ("whiten_dims=13", "whiten_dims=13"), ("depth=3", "bad model arguments")):
+        r = run("train", "--model", "fast", "--model-arg", arg, "--data", str(arc),
+                "--out", str(tmp_path / "r"))
+        assert_one_line_error(r, "model fast", needle)
+        assert not (tmp_path / "r").exists()
+
+
 def test_train_prints_one_line_per_epoch(trained):
     _, _, r = trained
     assert "epoch   1/1" in r.stdout and "val loss" in r.stdout and "img/s" in r.stdout

@@ -17,6 +17,7 @@ from test_train import tiny_data
 import cifarcnn
 from cifarcnn import augment, modes
 from cifarcnn.config import TrainConfig
+from cifarcnn.errors import CifarError
 from cifarcnn.inference import TTA_VIEWS
 from cifarcnn.models import build_model
 from cifarcnn.models.fast import PATCH, FastNet
@@ -136,7 +137,7 @@ def test_whiten_dims_keeps_the_strongest_directions():
     torch.testing.assert_close(four.whiten.weight[:4], full.whiten.weight[8:12])  # + half
     torch.testing.assert_close(four.whiten.weight[4:], -four.whiten.weight[:4])  # - half
     assert four(x[:2]).shape == (2, 10)
-    with pytest.raises(ValueError, match="whiten_dims=13"):
+    with pytest.raises(CifarError, match="whiten_dims=13"):
         build_model("fast", whiten_dims=13)
 
 
@@ -173,6 +174,9 @@ def test_extra_convs_deepen_a_group_and_train_with_the_others():
             layer.conv.weight.zero_()
         h = torch.randn(2, 16, 3, 3)
         torch.testing.assert_close(layer(h), h if residual else torch.zeros_like(h))
+    for bad in ([0, 1], [0, 0, -1]):
+        with pytest.raises(CifarError, match="three counts >= 0"):
+            build_model("fast", extra_convs=bad)
 
 
 def test_tta_equals_the_explicit_average_of_its_views(tmp_path):

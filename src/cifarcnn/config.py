@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .errors import CifarError
-from .models import get_spec
+from .models import build_model, get_spec
 
 DEFAULTS: dict[str, Any] = {
     "epochs": 25,
@@ -104,6 +104,8 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with every None filled in and every choice checked."""
         spec = get_spec(self.model)
+        # the model's own checks of its arguments, before any data is read or run written
+        build_model(self.model, **self.model_kwargs)
         c = dataclasses.replace(self, model_kwargs=dict(self.model_kwargs))
         for k, v in DEFAULTS.items():
             if getattr(c, k) is None:

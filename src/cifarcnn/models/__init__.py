@@ -52,6 +52,8 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         return get_spec(name).build(**kwargs)
     except TypeError as e:
         raise CifarError(f"model {name}: bad model arguments {kwargs} ({e})") from None
+    except ValueError as e:  # a model's own check of its arguments' values
+        raise CifarError(f"model {name}: {e}") from None
 
 
 def count_parameters(model: nn.Module) -> int:

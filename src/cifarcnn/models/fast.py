@@ -157,7 +157,11 @@ class FastNet(nn.Module):
         channels = 2 * dims if self.whiten_act else dims
         self.whiten = nn.Conv2d(3, channels, PATCH, padding=0, bias=self.whiten_act)
         self.whiten.weight.requires_grad_(False)
-        e1, e2, e3 = (int(e) for e in extra_convs)
+        extra = [int(e) for e in extra_convs]
+        if len(extra) != 3 or min(extra) < 0:
+            raise ValueError(f"extra_convs={list(extra_convs)}: give three counts >= 0, one "
+                             "per group, e.g. [0,0,1]")
+        e1, e2, e3 = extra
         r = bool(extra_residual)
         self.groups = nn.Sequential(ConvGroup(channels, w1, bn_momentum, p1, e1, r),
                                     ConvGroup(w1, w2, bn_momentum, p2, e2, r),
