@@ -20,7 +20,7 @@ from cifarcnn.config import TrainConfig
 from cifarcnn.errors import CifarError
 from cifarcnn.inference import TTA_VIEWS
 from cifarcnn.models import build_model
-from cifarcnn.models.fast import PATCH, FastNet
+from cifarcnn.models.fast import PATCH, Conv3x3, FastNet
 from cifarcnn.optim import MuonSGD, orthogonalize, orthogonalize_stacked
 from cifarcnn.train import epoch_sizes, freeze_finished_groups, make_optimizer, make_schedule, train
 
@@ -177,6 +177,57 @@ def test_extra_convs_deepen_a_group_and_train_with_the_others():
     for bad in ([0, 1], [0, 0, -1]):
         with pytest.raises(CifarError, match="three counts >= 0"):
             build_model("fast", extra_convs=bad)
+
+
+def test_partial_weight_gradient_takes_the_filters_gradient_from_part_of_the_batch():
+    torch.manual_seed(0)
+    conv = Conv3x3(4, 6, weight_grad_fraction=0.25)
+    ref = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    ref.weight.data.copy_(conv.weight.data)
+    x = torch.randn(8, 4, 5, 5).to(memory_format=torch.channels_last)
+    g = torch.randn(8, 6, 5, 5)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = conv(xa)
+    torch.testing.assert_close(y, ref(xb))  # the forward pass is the plain conv
+    (y * g).sum().backward()
+    (ref(xb) * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)  # the input gradient: the whole batch
+    part = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    part.weight.data.copy_(conv.weight.data)
+    # 0.25 of 8 images: the first 2, their output gradient centred per channel, scaled by 4
+    centred = g[:2] - g[:2].mean((0, 2, 3), keepdim=True)
+    (part(x[:2]) * centred).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, 4 * part.weight.grad)
+    assert not torch.allclose(conv.weight.grad, ref.weight.grad)
+    # under autocast it computes in bf16 and returns gradients in the inputs' dtypes
+    conv.weight.grad = None
+    xc = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(xc)
+        assert y.dtype == ref(x).dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert xc.grad.dtype == conv.weight.grad.dtype == torch.float32
+    # in eval mode, and for a fraction of 1, it is an ordinary conv
+    conv.eval()
+    assert conv(xa).grad_fn.name() != "PartialWeightGradBackward"
+    conv.train()
+    assert conv(xa).grad_fn.name() == "PartialWeightGradBackward"
+
+
+def test_weight_grad_fraction_reaches_every_conv_and_keeps_the_weights_format():
+    plain = build_model("fast", widths=[8, 16, 16])
+    m = build_model("fast", widths=[8, 16, 16], weight_grad_fraction=0.5,
+                    extra_convs=[0, 0, 1])
+    convs = [c for c in m.groups.modules() if isinstance(c, Conv3x3)]
+    assert len(convs) == 7 and all(c.weight_grad_fraction == 0.5 for c in convs)
+    half = build_model("fast", widths=[8, 16, 16], weight_grad_fraction=0.5)
+    half.load_state_dict(plain.state_dict())  # the same parameters: weights load either way
+    m.eval()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(torch.jit.script(m)(x), m(x))  # script takes the whole batch
+    for bad in (0, 1.5, -0.5):
+        with pytest.raises(CifarError, match="weight_grad_fraction"):
+            build_model("fast", weight_grad_fraction=bad)
 
 
 def test_tta_equals_the_explicit_average_of_its_views(tmp_path):
