@@ -212,6 +212,7 @@ def test_partial_weight_gradient_takes_the_filters_gradient_from_part_of_the_bat
     assert conv(xa).grad_fn.name() != "PartialWeightGradBackward"
     conv.train()
     assert conv(xa).grad_fn.name() == "PartialWeightGradBackward"
+    assert Conv3x3(4, 6)(xa).grad_fn.name() != "PartialWeightGradBackward"
 
 
 def test_weight_grad_fraction_reaches_every_conv_and_keeps_the_weights_format():
