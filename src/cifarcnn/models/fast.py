@@ -213,7 +213,8 @@ class FastNet(nn.Module):
         group) appends that many more conv, BatchNorm, GELU layers to a group, added to
         their input with `extra_residual` (airbench96's deeper groups).
         `weight_grad_fraction` takes each conv's filter gradient from that share of
-        the batch (`Conv3x3`): 19% off a step at 0.5, for 2.4 points. All measured
+        the batch (`Conv3x3`; the first conv folded by `whiten_act=False` keeps the
+        whole batch's): 19% off a step at 0.5, for 2.4 points. All measured
         slower per accuracy point than the defaults (README, "Fast recipe")."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
