@@ -608,9 +608,11 @@ def test_muon_step_benchmark_times_each_orthogonalisation():
 
 
 def test_cpu_peak_probe_reports_the_vector_units_rates():
-    """The probe behind README's peak: bf16 dot products issue twice fp32 FMA's FLOP per
-    instruction, so per cycle bf16 must come out well above fp32 (a probe whose loops
-    the compiler had merged would report one instruction's latency instead)."""
+    """The probe behind README's peak measures throughput, not latency: a loop whose 24
+    accumulators the compiler had merged would wait on each FMA's result (4 cycles or more),
+    at most 8 fp32 FLOP per cycle. How bf16 dot products compare with fp32 FMAs depends on
+    the core (AMD Zen: twice the FLOP per cycle; an Intel Xeon seen here: half), so only
+    their rate being measured is checked."""
     cpuinfo = Path("/proc/cpuinfo")
     if shutil.which("gcc") is None or not cpuinfo.exists() or \
             "avx512_bf16" not in cpuinfo.read_text():
@@ -625,7 +627,7 @@ def test_cpu_peak_probe_reports_the_vector_units_rates():
     assert set(rows) == {"vdpbf16ps", "vfmadd231ps"}
     (threads, bf16, bf16_cycle), (_, fp32, fp32_cycle) = rows["vdpbf16ps"], rows["vfmadd231ps"]
     assert threads == 1 and bf16 > 0 and fp32 > 0
-    assert bf16_cycle > 1.4 * fp32_cycle
+    assert fp32_cycle > 12 and bf16_cycle > 0
     kernels = [line for line in r.stdout.splitlines() if line.startswith(("matmul", "conv"))]
     assert len(kernels) == 5 and all(line.endswith("%") for line in kernels)
     # taps inside the image never exceed the nominal count

@@ -100,13 +100,17 @@ def test_real_archive_has_the_official_split(real_data):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["paper-cnn", "paper-mlp", "fast"])
 def test_shipped_weights_reach_their_recorded_accuracy(real_data, model):
+    """The recorded count, to within a few of the 10,000 images: another CPU's kernels sum
+    in another order (an Intel Xeon with AMX flipped one borderline image of paper-mlp's
+    against the AMD machine that made the record), and a test that demanded the last
+    image would fail on hardware, not on the weights."""
     from cifarcnn.weights import REPO_WEIGHTS
 
     record = json.loads((REPO_WEIGHTS / f"{model}.json").read_text())
     clf = cifarcnn.load(model)
     probs = clf.predict(real_data.test_images)
     correct = int((probs.argmax(1) == real_data.test_labels).sum())
-    assert correct == record["val_correct"], (correct, record["val_correct"])
+    assert abs(correct - record["val_correct"]) <= 5, (correct, record["val_correct"])
 
 
 def test_bad_config_values_are_clear_errors():
