@@ -493,6 +493,8 @@ def test_time_to_accuracy_benchmark_prints_the_table_and_writes_json(tmp_path):
     assert settings["batch_size"] == 100 and settings["model_kwargs"] == {"widths": [8, 16, 16]}
     assert settings["label_smoothing"] == 0.2 and "seed" not in settings and "out" not in settings
     assert "mean" in r.stdout and "target 1.00%: mean reached" in r.stdout
+    from cifarcnn.perf import cpu_name  # which machine measured it: the table says, as the runs do
+    assert result["runs"][0]["cpu"] == cpu_name() and f"cpu: {cpu_name()}, " in r.stdout
     table = subprocess.run([sys.executable, "-m", "cifarcnn", "results",
                             str(tmp_path / "kept")], capture_output=True, text=True)
     assert table.returncode == 0 and "2 of 2 runs finished" in table.stdout
@@ -608,7 +610,7 @@ def test_muon_step_benchmark_times_each_orthogonalisation():
 
 
 def test_cpu_peak_probe_reports_the_vector_units_rates():
-    """The probe behind README's peak measures throughput, not latency: a loop whose 24
+    """The probe behind docs/fast-recipe.md's peak measures throughput, not latency: a loop whose 24
     accumulators the compiler had merged would wait on each FMA's result (4 cycles or more),
     at most 8 fp32 FLOP per cycle. How bf16 dot products compare with fp32 FMAs depends on
     the core (AMD Zen: twice the FLOP per cycle; an Intel Xeon seen here: half), so only

@@ -218,3 +218,19 @@ def test_tuned_allocator_reuses_blocks_above_the_mmap_ceiling():
     # the last 3 steps: 3 x 2 x 16,384 pages of 4 KiB where each tensor faults in anew
     assert faults["tuned"] < 500, faults
     assert faults["untuned"] > 30_000, faults
+
+
+def test_cpu_name_reads_the_model_and_its_bf16_hardware(tmp_path):
+    """Runs record which CPU made them: the model name and the best bf16 unit listed."""
+    from cifarcnn import perf
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu avx512f "
+                    "avx512_bf16 amx_tile amx_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: Some CPU 9000\n")
+    assert perf.cpu_name(info) == "Some CPU 9000 (AMX-BF16)"
+    info.write_text("model name\t: Other\nflags\t\t: avx512f avx512_bf16\n")
+    assert perf.cpu_name(info) == "Other (AVX512-BF16)"
+    info.write_text("model name\t: Old\nflags\t\t: avx2\n")
+    assert perf.cpu_name(info) == "Old"
+    assert perf.cpu_name(tmp_path / "missing")  # elsewhere: what platform knows

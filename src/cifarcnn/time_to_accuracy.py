@@ -84,6 +84,10 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
 
 
 def print_table(out: dict[str, Any]) -> None:
+    first = out["runs"][0]
+    where = first.get("device_name") or first.get("cpu")  # older result files lack them
+    if where:
+        print(f"{first['device']}: {where}, {first['threads']} threads")
     print(f"{'seed':>4} {'accuracy':>9} {'TTA acc':>8} {'train s':>8} {'set-up s':>8}")
     for r in out["runs"]:
         print(f"{r['seed']:>4} {r['accuracy']:>9.2%} {r['tta_accuracy']:>8.2%} "

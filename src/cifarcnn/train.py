@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import time
@@ -577,7 +576,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         "parameters": params, "device": device, "precision": precision,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
         "channels_last": cfg.channels_last, "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "cpu": perf.cpu_name(), "threads": torch.get_num_threads(),
         "resumed": ckpt is not None,
     }
     if "test" in splits:

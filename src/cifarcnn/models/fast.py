@@ -18,7 +18,7 @@ loss-based selection (the last 5 epochs train on the 70% of images that
 had the highest loss when last seen), and test-time flips and shifts.
 Widths (airbench uses 64/256/256), batch size and epochs were chosen by
 measurement on the 2-core CPU, where a narrower net trained longer beat a
-wide one trained briefly at equal time (README, "Fast recipe";
+wide one trained briefly at equal time (docs/fast-recipe.md;
 benchmarks/time_to_accuracy.py).
 """
 
@@ -78,7 +78,7 @@ class PartialWeightGrad(torch.autograd.Function):
 
     The input gradient still covers the whole batch (the layers below need it), but
     the filter gradient, the slowest of a conv's three products on this CPU (oneDNN's
-    older kernel, README "Where the time goes"), is computed from a part of it and
+    older kernel, docs/fast-recipe.md, "Where the time goes"), is computed from a part of it and
     scaled up by batch / keep: a noisier gradient for the filters, as from a smaller
     batch, for less arithmetic. The batch is shuffled, so its first images are a
     random part of it. Every such conv here feeds a BatchNorm (through a max-pool or
@@ -202,7 +202,7 @@ class FastNet(nn.Module):
         reaches them and the weights' metadata records them. `pool_first` (one flag per
         group) moves a group's max-pool before its first conv, which then runs at a
         quarter of the positions, as a stride-2 ResNet stage does: on a CPU the FLOPs
-        are the time, but it lost accuracy per second here (README, "Fast recipe").
+        are the time, but it lost accuracy per second here (docs/fast-recipe.md).
         `whiten_eps` is added to the patch variances before the whitening divides by
         their square roots: larger values amplify the weakest directions less (on the
         JPEG data two of the 12 have variances ~1e-4; damping them did not pay).
@@ -215,7 +215,7 @@ class FastNet(nn.Module):
         `weight_grad_fraction` takes each conv's filter gradient from that share of
         the batch (`Conv3x3`; the first conv folded by `whiten_act=False` keeps the
         whole batch's): 19% off a step at 0.5, for 2.4 points. All measured
-        slower per accuracy point than the defaults (README, "Fast recipe")."""
+        slower per accuracy point than the defaults (docs/fast-recipe.md)."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
@@ -285,7 +285,7 @@ class FastNet(nn.Module):
         the first conv group stops at epoch E, as in FreezeOut (Brock et al.,
         2017): the backward pass then ends at the second group, sparing the
         most expensive full-resolution layers' gradients (~18% of a 32x32 epoch
-        measured, README "Fast recipe").
+        measured, docs/fast-recipe.md).
         """
         filters = [p for p in self.groups.parameters() if p.ndim == 4]
         biases = [p for n, p in self.groups.named_parameters() if "norm" in n and p.requires_grad]
