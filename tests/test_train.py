@@ -191,7 +191,9 @@ def test_tuned_allocator_reuses_blocks_above_the_mmap_ceiling():
     """perf.tune_allocator: 64 MB tensors (above glibc's 32 MiB mmap ceiling, like the
     fast recipe's first-group activations) made and freed step after step must stop
     page-faulting their memory in once the heap has grown to hold them; untuned,
-    glibc unmaps each one and every page faults again in every step."""
+    glibc unmaps each one and every page faults again in every step. (Tuned, a step
+    now and then still faults one tensor in: seen on an Intel machine, in some runs,
+    as the heap settled; so most steps, not all, must be free of faults.)"""
     import subprocess
     import sys
 
@@ -204,20 +206,20 @@ def test_tuned_allocator_reuses_blocks_above_the_mmap_ceiling():
         "torch.set_num_threads(1)\n"
         "x = torch.ones(16 << 20)\n"
         "faults = []\n"
-        "for _ in range(10):\n"
+        "for _ in range(14):\n"
         "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "    y = x * 2; z = y + 1; del y, z\n"
         "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
-        "print(sum(faults[-3:]))\n")
+        "print(*faults[-8:])\n")
     faults = {}
     for name, env in (("tuned", {}), ("untuned", {"CIFARCNN_NO_MALLOPT": "1"})):
         r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                            env={**os.environ, **env}, timeout=120)
         assert r.returncode == 0, r.stderr
-        faults[name] = int(r.stdout)
-    # the last 3 steps: 3 x 2 x 16,384 pages of 4 KiB where each tensor faults in anew
-    assert faults["tuned"] < 500, faults
-    assert faults["untuned"] > 30_000, faults
+        faults[name] = [int(f) for f in r.stdout.split()]
+    # a step that faults its two tensors in anew takes 2 x 16,384 pages of 4 KiB
+    assert sum(f < 500 for f in faults["tuned"]) >= 6, faults
+    assert all(f > 30_000 for f in faults["untuned"]), faults
 
 
 def test_cpu_name_reads_the_model_and_its_bf16_hardware(tmp_path):
