@@ -19,7 +19,8 @@ times large square matrix products in the autocast dtype, the ceiling the
 convolutions can be compared with; --layers times each conv of the first
 configuration on its own: forward, input gradient and filter gradient, with
 the rate each reaches (counted by the filter taps inside the image, as oneDNN
-skips the ones on the zero padding).
+skips the ones on the zero padding), and the filter gradient as the one matrix
+product the model takes on small maps (`im2col_filter_grad`, gemm_grad_positions).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from cifarcnn.cli import parse_model_args
 from cifarcnn.config import amp_dtype, resolve_device, resolve_precision
 from cifarcnn.errors import CifarError
 from cifarcnn.models import build_model
+from cifarcnn.models.fast import im2col_filter_grad
 from cifarcnn.optim import MuonSGD
 
 
@@ -116,14 +118,14 @@ def inside_taps(size: int, kernel: int = 3) -> int:
 def conv_times(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                steps: int) -> list[float]:
     """Best seconds of a same-padded 3x3 conv's forward, input gradient (from output
-    gradient g) and filter gradient, each computed alone."""
+    gradient g), filter gradient and that gradient by `im2col_filter_grad`, each alone."""
     def backward(mask: list[bool]) -> None:
         torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False,
                                             [0, 0], 1, mask)
 
     times = []
     for fn in (lambda: F.conv2d(x, w, padding=1), lambda: backward([True, False, False]),
-               lambda: backward([False, True, False])):
+               lambda: backward([False, True, False]), lambda: im2col_filter_grad(g, x)):
         best = float("inf")
         for _ in range(steps + 1):  # the first is a warm-up
             t0 = time.perf_counter()
@@ -136,9 +138,11 @@ def conv_times(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
 
 
 def layer_times(widths: tuple[int, ...], batch: int, res: int, device: str, steps: int,
-                model_args: dict | None = None) -> list[tuple[str, float, float, float, int]]:
+                model_args: dict | None = None) -> list[tuple[str, float, float, float, float,
+                                                               int]]:
     """Per conv of the groups: (name, forward s, input-gradient s, filter-gradient s,
-    multiply-adds inside the image), each the best of `steps` on random tensors."""
+    im2col filter-gradient s, multiply-adds inside the image), each the best of
+    `steps` on random tensors."""
     model = build_model("fast", widths=list(widths), **(model_args or {})).to(device)
     dtype = amp_dtype(resolve_precision("auto", device)) or torch.float32
     shapes: dict[str, tuple[int, ...]] = {}
@@ -225,7 +229,7 @@ def main() -> None:
                           f"{setup:>9.1f} {faults:>11.0f} {resident_mib():>8.0f}", flush=True)
     if a.layers:
         print(f"\n{'conv':<24} {'fwd ms':>7} {'TF/s':>5} {'dinput':>7} {'TF/s':>5} "
-              f"{'dweight':>7} {'TF/s':>5}")
+              f"{'dweight':>7} {'TF/s':>5} {'im2col':>7} {'TF/s':>5}")
         for name, *times, macs in layer_times(a.widths[0], a.batch[0], a.res[0], device,
                                                a.steps, model_args):
             cells = " ".join(f"{t * 1e3:>7.2f} {2 * macs / t / 1e12:>5.2f}" for t in times)

@@ -20,7 +20,7 @@ from cifarcnn.config import TrainConfig
 from cifarcnn.errors import CifarError
 from cifarcnn.inference import TTA_VIEWS
 from cifarcnn.models import build_model
-from cifarcnn.models.fast import PATCH, Conv3x3, FastNet
+from cifarcnn.models.fast import PATCH, Conv3x3, FastNet, im2col_filter_grad
 from cifarcnn.optim import MuonSGD, orthogonalize, orthogonalize_stacked
 from cifarcnn.train import epoch_sizes, freeze_finished_groups, make_optimizer, make_schedule, train
 
@@ -209,10 +209,53 @@ def test_partial_weight_gradient_takes_the_filters_gradient_from_part_of_the_bat
     assert xc.grad.dtype == conv.weight.grad.dtype == torch.float32
     # in eval mode, and for a fraction of 1, it is an ordinary conv
     conv.eval()
-    assert conv(xa).grad_fn.name() != "PartialWeightGradBackward"
+    assert conv(xa).grad_fn.name() != "FilterGradConvBackward"
     conv.train()
-    assert conv(xa).grad_fn.name() == "PartialWeightGradBackward"
-    assert Conv3x3(4, 6)(xa).grad_fn.name() != "PartialWeightGradBackward"
+    assert conv(xa).grad_fn.name() == "FilterGradConvBackward"
+    assert Conv3x3(4, 6)(xa).grad_fn.name() != "FilterGradConvBackward"
+
+
+def test_im2col_filter_gradient_equals_the_convs_own():
+    torch.manual_seed(0)
+    for shape, positions in (((5, 7, 3, 3), 9), ((4, 7, 2, 2), 9), ((3, 7, 1, 1), 9),
+                             ((4, 7, 5, 6), 30)):
+        x = torch.randn(shape)
+        g = torch.randn(shape[0], 6, *shape[2:])
+        conv = Conv3x3(7, 6, gemm_positions=positions)
+        ref = torch.nn.Conv2d(7, 6, 3, padding=1, bias=False)
+        ref.weight.data.copy_(conv.weight.data)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xa = x.clone(memory_format=fmt).requires_grad_()
+            xb = x.clone().requires_grad_()
+            y = conv(xa)
+            assert y.grad_fn.name() == "FilterGradConvBackward"
+            torch.testing.assert_close(y, ref(xb))
+            (y * g).sum().backward()
+            (ref(xb) * g).sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad)
+            torch.testing.assert_close(conv.weight.grad, ref.weight.grad)
+            conv.weight.grad = ref.weight.grad = None
+        # bf16 under autocast: the same gradient as the plain conv's, to bf16 rounding
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (conv(x) * g).sum().backward()
+            (ref(x) * g).sum().backward()
+        torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=2e-2, atol=2e-2)
+    # in chunks of images (here 1 or 3 at a time), the products add up to the same
+    x = torch.randn(7, 5, 4, 3, dtype=torch.float64)
+    g = torch.randn(7, 6, 4, 3, dtype=torch.float64)
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                               [0, 0], 1, [False, True, False])[1]
+    for chunk in (1, 3 * 4 * 3 * 9 * 5 * 8, 1 << 30):
+        torch.testing.assert_close(im2col_filter_grad(g, x, chunk), want)
+    # larger maps than gemm_positions, and every map at 0, keep oneDNN's kernel
+    x = torch.randn(2, 7, 4, 4, requires_grad=True)
+    assert Conv3x3(7, 6, gemm_positions=9)(x).grad_fn.name() != "FilterGradConvBackward"
+    assert Conv3x3(7, 6)(x[:, :, :3, :3]).grad_fn.name() != "FilterGradConvBackward"
+    m = build_model("fast", widths=[8, 16, 16])
+    assert {c.gemm_positions for c in m.modules() if isinstance(c, Conv3x3)} == {49}
+    with pytest.raises(CifarError, match="gemm_grad_positions"):
+        build_model("fast", gemm_grad_positions=-1)
 
 
 def test_weight_grad_fraction_reaches_every_conv_and_keeps_the_weights_format():
@@ -571,10 +614,12 @@ def test_fast_step_benchmark_times_a_step_and_refuses_bad_widths():
                         "--layers"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "8,16,16" in r.stdout and "convolution" in r.stdout
-    # one row per conv: its shape (whitening leaves 15x15 of 16) and three times and rates
+    # one row per conv: its shape (whitening leaves 15x15 of 16), four times and rates
+    # (forward, input gradient, filter gradient by oneDNN and by im2col_filter_grad)
     convs = [line.split() for line in r.stdout.splitlines() if ".conv" in line]
     assert [c[:3] for c in convs[:2]] == [["0.conv1", "24->8", "@15"], ["0.conv2", "8->8", "@7"]]
-    assert len(convs) == 6 and all(float(v) >= 0 for c in convs for v in c[3:])
+    assert len(convs) == 6 and all(len(c) == 11 for c in convs)
+    assert all(float(v) >= 0 for c in convs for v in c[3:])
     row = next(line for line in r.stdout.splitlines() if line.startswith("8,16,16"))
     assert float(row.split()[-1]) > 0 and float(row.split()[-2]) >= 0  # resident MiB, faults
     rates = [float(line.split(": ")[1].split()[0]) for line in r.stdout.splitlines()

@@ -73,31 +73,63 @@ def dirac_init(conv: nn.Conv2d) -> None:
     nn.init.dirac_(w[:min(w.shape[:2])])
 
 
-class PartialWeightGrad(torch.autograd.Function):
-    """A 3x3 conv (padding 1) whose filter gradient comes from the batch's first `keep` images.
+def im2col_filter_grad(grad: torch.Tensor, x: torch.Tensor,
+                       chunk_bytes: int = 8 << 20) -> torch.Tensor:
+    """The filter gradient of a 3x3, padding-1 conv as matrix products.
 
-    The input gradient still covers the whole batch (the layers below need it), but
-    the filter gradient, the slowest of a conv's three products on this CPU (oneDNN's
-    older kernel, docs/fast-recipe.md, "Where the time goes"), is computed from a part of it and
-    scaled up by batch / keep: a noisier gradient for the filters, as from a smaller
-    batch, for less arithmetic. The batch is shuffled, so its first images are a
-    random part of it. Every such conv here feeds a BatchNorm (through a max-pool or
-    not), whose backward pass makes the output gradient sum to zero over the batch
-    in each channel, so the whole batch's filter gradient does not see the inputs'
-    mean; the part's gradient is centred the same way (its mean over its own images
-    and positions removed), or that mean, large after a GELU, adds noise (without
-    the centring the recipe validated at 33% after epoch 2, with it at 49%, against
-    69% for the whole batch; both ended 2.4 points below it). Under autocast the
-    conv runs in the autocast dtype, as nn.Conv2d's would.
+    Each output position's 3x3 input neighbourhood (zeros past the border) becomes
+    a row of a (positions, 9 x channels) matrix, copied from one strided view of the
+    zero-padded input; the output gradient's transpose times that matrix is the
+    gradient. The batch goes in chunks whose matrix fits in `chunk_bytes`, so the
+    copy is still in the cache when the product reads it (at 7x7 and 192 channels
+    the whole batch's matrix is 169 MB), and the chunks' products add up in fp32.
+    On small maps oneDNN's own filter-gradient kernel is the slowest product of a
+    step on the AMX Xeon (docs/fast-recipe.md, "A sixth round"): at 7x7 and below
+    this is 1.5-5 times faster there; at 15x15 and above oneDNN's is faster.
+    """
+    n, c, h, w = x.shape
+    per_image = h * w * 9 * c * x.element_size()
+    step = max(1, chunk_bytes // per_image)
+    total = torch.zeros(grad.shape[1], 9 * c, dtype=torch.promote_types(x.dtype, torch.float32),
+                        device=x.device)
+    for i in range(0, n, step):
+        xs, gs = x[i:i + step], grad[i:i + step]
+        padded = F.pad(xs, (1, 1, 1, 1)).permute(0, 2, 3, 1).contiguous()  # (n, H+2, W+2, C)
+        sn, sh, sw, sc = padded.stride()
+        cols = padded.as_strided((len(xs), h, w, 3, 3, c),
+                                 (sn, sh, sw, sh, sw, sc)).reshape(-1, 9 * c)
+        g = gs.permute(0, 2, 3, 1).reshape(-1, gs.shape[1])  # (positions, out channels)
+        total += g.t() @ cols
+    return total.view(-1, 3, 3, c).permute(0, 3, 1, 2)
+
+
+class FilterGradConv(torch.autograd.Function):
+    """A 3x3 conv (padding 1) whose filter gradient is computed our way.
+
+    Two independent choices. `keep` < batch: the filter gradient comes from the
+    batch's first `keep` images, scaled up by batch / keep: a noisier gradient for
+    the filters, as from a smaller batch, for less arithmetic (the input gradient
+    still covers the whole batch: the layers below need it). The batch is shuffled,
+    so its first images are a random part of it. Every such conv here feeds a
+    BatchNorm (through a max-pool or not), whose backward pass makes the output
+    gradient sum to zero over the batch in each channel, so the whole batch's
+    filter gradient does not see the inputs' mean; the part's gradient is centred
+    the same way (its mean over its own images and positions removed), or that
+    mean, large after a GELU, adds noise (without the centring the recipe validated
+    at 33% after epoch 2, with it at 49%, against 69% for the whole batch; both
+    ended 2.4 points below it). `gemm`: the gradient is `im2col_filter_grad`'s
+    matrix product instead of oneDNN's kernel, the same sum in another order.
+    Under autocast the conv runs in the autocast dtype, as nn.Conv2d's would.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, keep: int) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, keep: int,
+                gemm: bool) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc)
-        ctx.keep, ctx.dtypes = keep, (x.dtype, weight.dtype)
+        ctx.keep, ctx.gemm, ctx.dtypes = keep, gemm, (x.dtype, weight.dtype)
         with torch.autocast(device, enabled=False):
             return F.conv2d(xc, wc, padding=1)
 
@@ -112,38 +144,49 @@ class PartialWeightGrad(torch.autograd.Function):
             gx = gx.to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             k = ctx.keep
-            part = grad[:k]
-            part = part - part.mean((0, 2, 3), keepdim=True)
-            gw = torch.ops.aten.convolution_backward(part, x[:k], w, None, *args,
-                                                     [False, True, False])[1]
-            gw = gw.to(ctx.dtypes[1]) * (len(x) / k)
-        return gx, gw, None
+            part, xs = grad, x
+            if k < len(x):
+                part, xs = grad[:k], x[:k]
+                part = part - part.mean((0, 2, 3), keepdim=True)
+            if ctx.gemm:
+                gw = im2col_filter_grad(part, xs)
+            else:
+                gw = torch.ops.aten.convolution_backward(part, xs, w, None, *args,
+                                                         [False, True, False])[1]
+            gw = gw.to(ctx.dtypes[1])
+            if k < len(x):
+                gw = gw * (len(x) / k)
+        return gx, gw, None, None
 
 
 class Conv3x3(nn.Conv2d):
-    """A 3x3 conv, no bias, whose filter gradient can come from part of the batch.
+    """A 3x3 conv, no bias, whose filter gradient can be computed our way (FilterGradConv).
 
-    With `weight_grad_fraction` below 1 a training forward pass goes through
-    PartialWeightGrad (eager and compiled runs; traced and scripted ones always
-    take the whole batch's gradient).
+    `weight_grad_fraction` below 1 takes it from part of the batch; on the CPU,
+    maps of at most `gemm_positions` positions (height x width) take it as one
+    matrix product. Either goes through FilterGradConv in a training forward pass
+    (eager and compiled runs; traced and scripted ones use the plain conv).
     """
 
-    def __init__(self, cin: int, cout: int, weight_grad_fraction: float = 1.0) -> None:
+    def __init__(self, cin: int, cout: int, weight_grad_fraction: float = 1.0,
+                 gemm_positions: int = 0) -> None:
         super().__init__(cin, cout, 3, padding=1, bias=False)
         self.weight_grad_fraction = float(weight_grad_fraction)
+        self.gemm_positions = int(gemm_positions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.training and self.weight_grad_fraction < 1.0 and self.weight.requires_grad
+        if (self.training and self.weight.requires_grad
                 and not torch.jit.is_scripting() and not torch.jit.is_tracing()):
             # int(): TorchScript's round returns a float
             keep = max(1, int(round(self.weight_grad_fraction * x.shape[0])))  # noqa: RUF046
-            if keep < x.shape[0]:
-                return self.partial(x, keep)
+            gemm = x.device.type == "cpu" and x.shape[2] * x.shape[3] <= self.gemm_positions
+            if keep < x.shape[0] or gemm:
+                return self.custom(x, keep, gemm)
         return self._conv_forward(x, self.weight, self.bias)
 
     @torch.jit.unused
-    def partial(self, x: torch.Tensor, keep: int) -> torch.Tensor:
-        return PartialWeightGrad.apply(x, self.weight, keep)
+    def custom(self, x: torch.Tensor, keep: int, gemm: bool) -> torch.Tensor:
+        return FilterGradConv.apply(x, self.weight, keep, gemm)
 
 
 class ExtraConv(nn.Module):
@@ -196,7 +239,8 @@ class FastNet(nn.Module):
                  pool_first: tuple[bool, bool, bool] = (False, False, False),
                  whiten_eps: float = 5e-4, whiten_act: bool = True,
                  whiten_dims: int = 0, extra_convs: tuple[int, int, int] = (0, 0, 0),
-                 extra_residual: bool = False, weight_grad_fraction: float = 1.0) -> None:
+                 extra_residual: bool = False, weight_grad_fraction: float = 1.0,
+                 gemm_grad_positions: int = 49) -> None:
         """`muon_momentum`, `ns_steps` (Newton-Schulz iterations) and `freeze_first_group`
         shape the groups `optimizer_groups` returns: they live here so `--model-arg`
         reaches them and the weights' metadata records them. `pool_first` (one flag per
@@ -215,7 +259,11 @@ class FastNet(nn.Module):
         `weight_grad_fraction` takes each conv's filter gradient from that share of
         the batch (`Conv3x3`; the first conv folded by `whiten_act=False` keeps the
         whole batch's): 19% off a step at 0.5, for 2.4 points. All measured
-        slower per accuracy point than the defaults (docs/fast-recipe.md)."""
+        slower per accuracy point than the defaults (docs/fast-recipe.md).
+        `gemm_grad_positions`: on the CPU, convs on maps of at most that many positions
+        (7x7: the last three convs at 32x32 inputs, more at smaller ones) take their
+        filter gradient as matrix products (`im2col_filter_grad`), not from oneDNN's
+        kernel: the same sums, measured 1.5-5x faster on the AMX Xeon (0: never)."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
@@ -248,6 +296,12 @@ class FastNet(nn.Module):
         self.groups = nn.Sequential(ConvGroup(channels, w1, bn_momentum, p1, e1, r, f),
                                     ConvGroup(w1, w2, bn_momentum, p2, e2, r, f),
                                     ConvGroup(w2, w3, bn_momentum, p3, e3, r, f))
+        if int(gemm_grad_positions) < 0:
+            raise ValueError(f"gemm_grad_positions={gemm_grad_positions}: give a number of "
+                             "positions >= 0 (0: never), e.g. 9")
+        for conv in self.groups.modules():
+            if isinstance(conv, Conv3x3):
+                conv.gemm_positions = int(gemm_grad_positions)
         self.head = nn.Linear(w3, num_classes, bias=False)
         with torch.no_grad():
             self.head.weight /= self.head.weight.std()  # unit weights; forward divides by width
