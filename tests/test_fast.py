@@ -668,7 +668,8 @@ def test_cpu_peak_probe_reports_the_vector_units_rates():
                         "0.05", "--threads", "1", "--torch"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    assert float(r.stdout.split("clock (dependent integer adds): ")[1].split()[0]) > 0.5
+    # a plausible clock: Intel cores that fold immediate-add chains read ~10 GHz
+    assert 0.5 < float(r.stdout.split("clock (dependent integer adds): ")[1].split()[0]) < 7
     rows = {line.split()[0]: [float(v) for v in line.split()[-3:]]
             for line in r.stdout.splitlines() if line.startswith(("vdpbf16ps", "vfmadd"))}
     assert set(rows) == {"vdpbf16ps", "vfmadd231ps"}
