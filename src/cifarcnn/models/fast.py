@@ -85,7 +85,7 @@ def im2col_filter_grad(grad: torch.Tensor, x: torch.Tensor,
     the whole batch's matrix is 169 MB), and the chunks' products add up in fp32.
     On small maps oneDNN's own filter-gradient kernel is the slowest product of a
     step on the AMX Xeon (docs/fast-recipe.md, "A sixth round"): at 7x7 and below
-    this is 1.5-5 times faster there; at 15x15 and above oneDNN's is faster.
+    this is 1.1-5 times faster there; at 15x15 and above oneDNN's is faster.
     """
     n, c, h, w = x.shape
     per_image = h * w * 9 * c * x.element_size()
@@ -117,8 +117,9 @@ class FilterGradConv(torch.autograd.Function):
     the same way (its mean over its own images and positions removed), or that
     mean, large after a GELU, adds noise (without the centring the recipe validated
     at 33% after epoch 2, with it at 49%, against 69% for the whole batch; both
-    ended 2.4 points below it). `gemm`: the gradient is `im2col_filter_grad`'s
-    matrix product instead of oneDNN's kernel, the same sum in another order.
+    ended 2.4 points below it). `gemm`: the gradient comes from
+    `im2col_filter_grad`'s matrix products, not oneDNN's kernel: the same sums in
+    another order.
     Under autocast the conv runs in the autocast dtype, as nn.Conv2d's would.
     """
 
@@ -163,8 +164,8 @@ class Conv3x3(nn.Conv2d):
     """A 3x3 conv, no bias, whose filter gradient can be computed our way (FilterGradConv).
 
     `weight_grad_fraction` below 1 takes it from part of the batch; on the CPU,
-    maps of at most `gemm_positions` positions (height x width) take it as one
-    matrix product. Either goes through FilterGradConv in a training forward pass
+    maps of at most `gemm_positions` positions (height x width) take it as matrix
+    products. Either goes through FilterGradConv in a training forward pass
     (eager and compiled runs; traced and scripted ones use the plain conv).
     """
 
@@ -263,7 +264,7 @@ class FastNet(nn.Module):
         `gemm_grad_positions`: on the CPU, convs on maps of at most that many positions
         (7x7: the last three convs at 32x32 inputs, more at smaller ones) take their
         filter gradient as matrix products (`im2col_filter_grad`), not from oneDNN's
-        kernel: the same sums, measured 1.5-5x faster on the AMX Xeon (0: never)."""
+        kernel: the same sums, measured 1.1-5x faster on the AMX Xeon (0: never)."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
@@ -298,7 +299,7 @@ class FastNet(nn.Module):
                                     ConvGroup(w2, w3, bn_momentum, p3, e3, r, f))
         if int(gemm_grad_positions) < 0:
             raise ValueError(f"gemm_grad_positions={gemm_grad_positions}: give a number of "
-                             "positions >= 0 (0: never), e.g. 9")
+                             "positions >= 0 (0: never), e.g. 49")
         for conv in self.groups.modules():
             if isinstance(conv, Conv3x3):
                 conv.gemm_positions = int(gemm_grad_positions)
