@@ -19,8 +19,8 @@ times large square matrix products in the autocast dtype, the ceiling the
 convolutions can be compared with; --layers times each conv of the first
 configuration on its own: forward, input gradient and filter gradient, with
 the rate each reaches (counted by the filter taps inside the image, as oneDNN
-skips the ones on the zero padding), and the filter gradient as the one matrix
-product the model takes on small maps (`im2col_filter_grad`, gemm_grad_positions).
+skips the ones on the zero padding), and the filter gradient as the matrix
+products the model takes on small maps (`im2col_filter_grad`, gemm_grad_positions).
 """
 
 from __future__ import annotations

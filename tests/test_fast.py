@@ -240,7 +240,7 @@ def test_im2col_filter_gradient_equals_the_convs_own():
             (conv(x) * g).sum().backward()
             (ref(x) * g).sum().backward()
         torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=2e-2, atol=2e-2)
-    # in chunks of images (here 1 or 3 at a time), the products add up to the same
+    # in chunks of 1, 3 or all 7 images, the products add up to the conv's own gradient
     x = torch.randn(7, 5, 4, 3, dtype=torch.float64)
     g = torch.randn(7, 6, 4, 3, dtype=torch.float64)
     w = torch.randn(6, 5, 3, 3, dtype=torch.float64)
