@@ -2,7 +2,7 @@
 
     python benchmarks/fast_step.py [--widths 48,192,256 64,256,256] [--batch 500]
         [--res 32 24] [--model-arg KEY=VALUE] [--frozen-whiten] [--compile] [--profile]
-        [--matmul] [--layers] [--device cpu]
+        [--matmul] [--layers] [--native] [--device cpu]
 
 A step is what the training loop does per batch: forward and backward under
 autocast (bf16 on CPU), channels_last, then a MuonSGD step, on random
@@ -20,25 +20,32 @@ convolutions can be compared with; --layers times each conv of the first
 configuration on its own: forward, input gradient and filter gradient, with
 the rate each reaches (counted by the filter taps inside the image, as oneDNN
 skips the ones on the zero padding), and the filter gradient as the matrix
-products the model takes on small maps (`im2col_filter_grad`, gemm_grad_positions).
+products the model takes on small maps (`im2col_filter_grad`, gemm_grad_positions);
+--native times the fused max-pool, BatchNorm and GELU kernels (cifarcnn/native.py)
+against PyTorch's layers, site by site and then as whole steps of the first widths
+and batch at each --res, the two alternating step by step so the machine's swings
+hit both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cifarcnn import perf
+from cifarcnn import native, perf
 from cifarcnn.cli import parse_model_args
 from cifarcnn.config import amp_dtype, resolve_device, resolve_precision
 from cifarcnn.errors import CifarError
 from cifarcnn.models import build_model
-from cifarcnn.models.fast import im2col_filter_grad
+from cifarcnn.models.fast import BatchNorm, ConvGroup, im2col_filter_grad
 from cifarcnn.optim import MuonSGD
 
 
@@ -55,10 +62,10 @@ def resident_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def step_time(widths: tuple[int, ...], batch: int, res: int, device: str, compiled: bool,
-              steps: int, model_args: dict | None = None,
-              frozen_whiten: bool = False) -> tuple[float, float, float]:
-    """(best seconds per step, one-time compile seconds, page faults per timed step)."""
+def make_step(widths: tuple[int, ...], batch: int, res: int, device: str, compiled: bool,
+              model_args: dict | None = None, frozen_whiten: bool = False
+              ) -> Callable[[], None]:
+    """One training step of a fresh model on a fixed random batch, as a function."""
     model = build_model("fast", widths=list(widths), **(model_args or {})).to(device).to(
         memory_format=torch.channels_last)
     if frozen_whiten and model.whiten.bias is not None:
@@ -80,6 +87,14 @@ def step_time(widths: tuple[int, ...], batch: int, res: int, device: str, compil
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return one
+
+
+def step_time(widths: tuple[int, ...], batch: int, res: int, device: str, compiled: bool,
+              steps: int, model_args: dict | None = None,
+              frozen_whiten: bool = False) -> tuple[float, float, float]:
+    """(best seconds per step, one-time compile seconds, page faults per timed step)."""
+    one = make_step(widths, batch, res, device, compiled, model_args, frozen_whiten)
     t0 = time.perf_counter()
     one()
     first = time.perf_counter() - t0
@@ -173,6 +188,69 @@ def layer_times(widths: tuple[int, ...], batch: int, res: int, device: str, step
     return rows
 
 
+def best_of(fn: Callable[[], object], steps: int) -> float:
+    """Best seconds of `steps` calls, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def native_site_times(widths: tuple[int, ...], batch: int, res: int, steps: int
+                      ) -> list[tuple[str, float, float]]:
+    """Per site of the groups: (name, PyTorch's layers s, fused kernels s) for forward and
+    backward of "max-pool, BatchNorm, GELU" after each first conv and "BatchNorm, GELU"
+    after each second one, best of `steps`, on random bf16 channels_last tensors."""
+    model = build_model("fast", widths=list(widths))
+    sizes: list[tuple[int, int]] = []  # (channels, size) of each first conv's output
+    hooks = [g.conv1.register_forward_hook(
+        lambda mod, inp, out: sizes.append((out.shape[1], out.shape[2])))
+        for g in model.groups if isinstance(g, ConvGroup)]
+    with torch.no_grad():
+        model(torch.randn(2, 3, res, res))
+    for h in hooks:
+        h.remove()
+    rows = []
+    for i, (c, size) in enumerate(sizes):
+        for pool, name in ((True, f"groups.{i} pool+norm1+gelu @{size}"),
+                           (False, f"groups.{i} norm2+gelu @{size // 2}")):
+            s = size if pool else size // 2
+            x = torch.randn(batch, c, s, s).to(torch.bfloat16).contiguous(
+                memory_format=torch.channels_last).requires_grad_()
+            norm = BatchNorm(c, 0.4)
+            out = s // 2 if pool else s
+            g = torch.randn(batch, c, out, out).to(torch.bfloat16).contiguous(
+                memory_format=torch.channels_last)
+
+            def run(x=x, norm=norm, g=g, pool=pool) -> None:
+                native.pool_bn_gelu(x, norm, pool).backward(g)
+
+            with native.turned_off():
+                plain = best_of(run, steps)
+            rows.append((name, plain, best_of(run, steps)))
+    return rows
+
+
+def native_step_pairs(widths: tuple[int, ...], batch: int, res: int, steps: int,
+                      model_args: dict | None, frozen_whiten: bool
+                      ) -> tuple[list[float], list[float]]:
+    """Whole steps of one model, alternating PyTorch's layers and the fused kernels (the
+    model's own choice: the pool sites): the machine's swings hit both alike."""
+    one = make_step(widths, batch, res, "cpu", False, model_args, frozen_whiten)
+    plain, fused = [], []
+    for i in range(steps + 1):  # the first pair warms up
+        for times, off in ((plain, True), (fused, False)):
+            with native.turned_off() if off else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                one()
+                if i:
+                    times.append(time.perf_counter() - t0)
+    return plain, fused
+
+
 def widths_arg(text: str) -> tuple[int, int, int]:
     """'48,192,256' -> (48, 192, 256): the three groups' widths."""
     try:
@@ -202,6 +280,9 @@ def main() -> None:
                     help="also time square matrix products (the GEMM ceiling)")
     ap.add_argument("--layers", action="store_true",
                     help="time each conv of the first configuration: forward and gradients")
+    ap.add_argument("--native", action="store_true",
+                    help="the fused pool/BatchNorm/GELU kernels against PyTorch's layers: per "
+                         "site, and whole steps of the first widths and batch, interleaved")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
     try:
@@ -234,6 +315,23 @@ def main() -> None:
                                                a.steps, model_args):
             cells = " ".join(f"{t * 1e3:>7.2f} {2 * macs / t / 1e12:>5.2f}" for t in times)
             print(f"{name:<24} {cells}", flush=True)
+    if a.native and device == "cpu":
+        if native.extension() is None:
+            print("\nthe fused kernels are not available here (native.py)")
+        else:
+            print(f"\n{'site (forward and backward)':<32} {'torch ms':>8} {'fused ms':>8}")
+            for name, plain, fused in native_site_times(a.widths[0], a.batch[0], a.res[0],
+                                                        a.steps):
+                print(f"{name:<32} {plain * 1e3:>8.2f} {fused * 1e3:>8.2f}", flush=True)
+            print(f"\n{'step, res':<10} {'torch best':>10} {'median':>7} {'fused best':>10} "
+                  f"{'median':>7} {'fused/torch, pair median':>24}")
+            for res in a.res:
+                plain, fused = native_step_pairs(a.widths[0], a.batch[0], res, a.steps,
+                                                 model_args, a.frozen_whiten)
+                ratio = statistics.median(f / p for p, f in zip(plain, fused, strict=True))
+                print(f"{res:<10} {min(plain) * 1e3:>10.1f} {statistics.median(plain) * 1e3:>7.1f}"
+                      f" {min(fused) * 1e3:>10.1f} {statistics.median(fused) * 1e3:>7.1f}"
+                      f" {ratio:>24.3f}", flush=True)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 

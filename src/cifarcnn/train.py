@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import augment, checkpoint, distributed, modes, perf
+from . import augment, checkpoint, distributed, modes, native, perf
 from .config import DEFAULTS, TrainConfig
 from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
 from .inference import autocast, evaluate_arrays, input_dtype
 from .models import build_model, count_parameters
+from .models.fast import ConvGroup
 from .optim import Lookahead, MuonSGD
 from .weights import save_weights
 
@@ -339,6 +340,14 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     # expects fp32 inputs; eager and compiled models take bf16 images directly.
     in_dtype = input_dtype(precision) if cfg.mode in ("eager", "compile") else torch.float32
     setup_seconds = 0.0
+    if device == "cpu" and any(isinstance(m, ConvGroup) for m in model.modules()):
+        # the fused kernels (native.py): compiled on first use, cached across runs
+        t0 = time.perf_counter()
+        built = native.extension() is not None
+        setup_seconds = time.perf_counter() - t0
+        if setup_seconds > 1:
+            log(f"fused CPU kernels {'built' if built else 'not built'} in {setup_seconds:.1f}s "
+                "(one-time set-up, not counted as training time)")
     if cfg.mode != "eager":
         def example(size: int) -> torch.Tensor:  # the graphs depend on the input size only
             return augment.normalize(x_train[:bs, :size, :size].contiguous(), mean, std,
@@ -358,7 +367,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             _warm_up(net, model, example(size)[:mine.stop - mine.start], device, precision)
             for p, flag in zip(model.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
-        setup_seconds = time.perf_counter() - t0
+        setup_seconds += time.perf_counter() - t0
         log(f"--mode {cfg.mode}: {setup_seconds:.1f}s one-time set-up "
             "(compile/trace, not counted as training time)")
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
+
 RECIPE = {
     "epochs": 8,
     "batch_size": 1000,  # as accurate as 500 over 3 seeds, 5% faster (half the steps)
@@ -227,10 +229,20 @@ class ConvGroup(nn.Module):
 
     def after_conv1(self, x: torch.Tensor) -> torch.Tensor:
         """The group from its first conv's output on (FastNet may compute that conv itself)."""
-        if not self.pool_first:
-            x = F.max_pool2d(x, 2)
-        x = F.gelu(self.norm1(x))
+        if self.pool_first:
+            x = F.gelu(self.norm1(x))
+        elif self.training and not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            x = self.pool_norm_gelu(x)
+        else:
+            x = F.gelu(self.norm1(F.max_pool2d(x, 2)))
         return self.extra(F.gelu(self.norm2(self.conv2(x))))
+
+    @torch.jit.unused
+    def pool_norm_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """Max-pool, norm1, GELU: fused kernels on AVX-512 CPUs in bf16 (native.py), which
+        took about 30% off these layers' time there; the other BatchNorm and GELU pairs,
+        without the pool's memory traffic to save, ran no faster fused, so stay PyTorch's."""
+        return native.pool_bn_gelu(x, self.norm1, pool=True)
 
 
 class FastNet(nn.Module):

@@ -1,0 +1,328 @@
+// Fused CPU kernels for the fast net's elementwise layers (see native.py for why).
+//
+// pool_bn_gelu: an optional 2x2 max-pool, then BatchNorm with batch statistics, then
+// the exact (erf) GELU, on bf16 tensors in channels_last layout, forward and backward.
+// Unfused, PyTorch runs these as five to seven passes over memory per direction, and its
+// max-pool writes an int64 index per output; here the forward is two passes (pool and
+// statistics, then normalise and GELU) and the backward two (the two per-channel sums,
+// then the input gradient, scattered back through the pool), with a one-byte pool code.
+// Arithmetic is fp32; statistics are accumulated in double per chunk; the gradient at the
+// GELU's input passes between the backward's two passes in bf16, as in PyTorch's layers.
+// Compiled for AVX-512 (F, BW, VL); native.py only loads it on CPUs that have those.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using u16 = uint16_t;
+
+inline __mmask16 lanes_left(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
+inline __m512 load_bf16(__mmask16 k, const u16* p) {
+  __m256i a = _mm256_maskz_loadu_epi16(k, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16));
+}
+
+inline __m512 widen(__m256i a) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16));
+}
+
+// fp32 -> bf16, rounding to nearest even (as PyTorch does); NaN stays a quiet NaN
+inline __m256i narrow(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  r = _mm512_srli_epi32(r, 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline void store_bf16(u16* p, __mmask16 k, __m512 v) {
+  _mm256_mask_storeu_epi16(p, k, narrow(v));
+}
+
+// exp(x) for x <= 0 (all callers pass -z*z/2): 2^n * e^r, |r| <= ln2/2, degree-6 series
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Phi(z) (the normal CDF) and phi(z) (its density) together: one exp serves both.
+// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7).
+inline void normal_cdf_pdf(__m512 z, __m512& cdf, __m512& pdf) {
+  const __m512 half = _mm512_set1_ps(0.5f);
+  __m512 a = _mm512_abs_ps(_mm512_mul_ps(z, _mm512_set1_ps(0.70710678f)));  // |z|/sqrt2
+  __m512 e = exp_neg(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-0.5f)));
+  // t = 1 / (1 + 0.3275911 a): the approximate reciprocal and one Newton step (a divide
+  // costs more than the rest of this function)
+  __m512 den = _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f));
+  __m512 t = _mm512_rcp14_ps(den);
+  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));
+  __m512 q = _mm512_set1_ps(1.061405429f);
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-1.453152027f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
+  __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(q, t), e, _mm512_set1_ps(1.0f));
+  __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+  __m512 erf = _mm512_mask_sub_ps(erf_abs, neg, _mm512_setzero_ps(), erf_abs);
+  cdf = _mm512_fmadd_ps(erf, half, half);
+  pdf = _mm512_mul_ps(e, _mm512_set1_ps(0.39894228f));  // 1/sqrt(2 pi)
+}
+
+// the chunks a pass is split into: a few per thread, each with its own partial sums
+int64_t chunk_count(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
+}
+
+struct Sums {  // per-channel partial sums of one chunk: float per row, double per chunk
+  std::vector<float> f1, f2;
+  std::vector<double> d1, d2;
+  explicit Sums(int64_t c) : f1(c), f2(c), d1(c), d2(c) {}
+  void flush() {
+    for (size_t c = 0; c < f1.size(); c++) {
+      d1[c] += f1[c]; d2[c] += f2[c]; f1[c] = 0; f2[c] = 0;
+    }
+  }
+};
+
+inline void accumulate(Sums& s, int64_t c, __mmask16 k, __m512 a, __m512 b) {
+  _mm512_mask_storeu_ps(s.f1.data() + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, s.f1.data() + c), a));
+  _mm512_mask_storeu_ps(s.f2.data() + c, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, s.f2.data() + c), b));
+}
+
+// Pass 1: max-pool x (N, H, W, C) into p (N, H/2, W/2, C) with codes 0-3 (which of the
+// window's four won: PyTorch's order and tie rule, NaN wins), and sum p - shift and its
+// square per channel. Without pooling p is x and only the sums are made.
+void pool_and_sums(const u16* X, u16* P, uint8_t* K, int64_t N, int64_t H, int64_t W,
+                   int64_t C, bool pool, const float* shift, double* s1, double* s2) {
+  const int64_t h = pool ? H / 2 : H, w = pool ? W / 2 : W, rows = N * h;
+  const int64_t chunks = chunk_count(rows);
+  std::vector<Sums> sums(chunks, Sums(C));
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ch++) {
+      Sums& s = sums[ch];
+      for (int64_t r = rows * ch / chunks; r < rows * (ch + 1) / chunks; r++) {
+        const int64_t n = r / h, i = r % h;
+        for (int64_t j = 0; j < w; j++) {
+          const int64_t o = (r * w + j) * C;
+          const u16* p0 = pool ? X + ((n * H + 2 * i) * W + 2 * j) * C : X + o;
+          for (int64_t c = 0; c < C; c += 16) {
+            const __mmask16 k = lanes_left(C - c);
+            __m256i best = _mm256_maskz_loadu_epi16(k, p0 + c);
+            __m512 v = widen(best);
+            if (pool) {
+              const u16* q[3] = {p0 + C, p0 + W * C, p0 + W * C + C};
+              __m128i code = _mm_setzero_si128();
+              for (int t = 0; t < 3; t++) {
+                __m256i a = _mm256_maskz_loadu_epi16(k, q[t] + c);
+                __m512 u = widen(a);
+                __mmask16 win = _mm512_cmp_ps_mask(u, v, _CMP_GT_OQ) |
+                                _mm512_cmp_ps_mask(u, u, _CMP_UNORD_Q);
+                v = _mm512_mask_blend_ps(win, v, u);
+                best = _mm256_mask_blend_epi16(win, best, a);
+                code = _mm_mask_blend_epi8(win, code, _mm_set1_epi8(char(t + 1)));
+              }
+              _mm256_mask_storeu_epi16(P + o + c, k, best);
+              _mm_mask_storeu_epi8(K + o + c, k, code);
+            }
+            __m512 d = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(k, shift + c));
+            accumulate(s, c, k, d, _mm512_mul_ps(d, d));
+          }
+        }
+        s.flush();
+      }
+    }
+  });
+  for (int64_t ch = 0; ch < chunks; ch++)
+    for (int64_t c = 0; c < C; c++) { s1[c] += sums[ch].d1[c]; s2[c] += sums[ch].d2[c]; }
+}
+
+}  // namespace
+
+// Returns (y, p, code, mean, invstd, var): p is the pooled input (x itself without pooling),
+// var the biased batch variance, all per-channel values fp32.
+std::vector<torch::Tensor> pool_bn_gelu_forward(torch::Tensor x, torch::Tensor weight,
+                                                torch::Tensor bias, double eps, bool pool) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kBFloat16 &&
+              x.is_contiguous(at::MemoryFormat::ChannelsLast), "x: 4-d bf16, channels_last");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t h = pool ? H / 2 : H, w = pool ? W / 2 : W, M = N * h * w;
+  TORCH_CHECK(M > 1, "BatchNorm needs more than one value per channel");
+  auto cl = at::MemoryFormat::ChannelsLast;
+  auto f32 = x.options().dtype(torch::kFloat32);
+  torch::Tensor p = pool ? torch::empty({N, C, h, w}, x.options().memory_format(cl)) : x;
+  torch::Tensor code = pool ? torch::empty({N, C, h, w}, x.options().dtype(torch::kUInt8).memory_format(cl))
+                            : torch::empty({0}, x.options().dtype(torch::kUInt8));
+  const u16* X = reinterpret_cast<const u16*>(x.data_ptr());
+  // the first image's top-left values as the shift: sums of p - shift lose less to rounding
+  std::vector<float> shift(C);
+  for (int64_t c = 0; c < C; c++) {
+    uint32_t u = uint32_t(X[c]) << 16;
+    std::memcpy(&shift[c], &u, 4);
+    if (!std::isfinite(shift[c])) shift[c] = 0;
+  }
+  std::vector<double> s1(C), s2(C);
+  pool_and_sums(X, reinterpret_cast<u16*>(p.data_ptr()), pool ? code.data_ptr<uint8_t>() : nullptr,
+                N, H, W, C, pool, shift.data(), s1.data(), s2.data());
+  auto mean = torch::empty({C}, f32), invstd = torch::empty({C}, f32), var = torch::empty({C}, f32);
+  for (int64_t c = 0; c < C; c++) {
+    const double m1 = s1[c] / M, v = std::max(0.0, s2[c] / M - m1 * m1);
+    mean.data_ptr<float>()[c] = float(shift[c] + m1);
+    var.data_ptr<float>()[c] = float(v);
+    invstd.data_ptr<float>()[c] = float(1.0 / std::sqrt(v + eps));
+  }
+  // y = gelu((p - mean) * invstd * weight + bias), as scale * p + offset inside the GELU
+  auto wt = weight.to(torch::kFloat32).contiguous(), bs = bias.to(torch::kFloat32).contiguous();
+  std::vector<float> scale(C), offset(C);
+  for (int64_t c = 0; c < C; c++) {
+    scale[c] = invstd.data_ptr<float>()[c] * wt.data_ptr<float>()[c];
+    offset[c] = bs.data_ptr<float>()[c] - mean.data_ptr<float>()[c] * scale[c];
+  }
+  auto y = torch::empty({N, C, h, w}, x.options().memory_format(cl));
+  const u16* Pp = reinterpret_cast<const u16*>(p.data_ptr());
+  u16* Y = reinterpret_cast<u16*>(y.data_ptr());
+  at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; m++)
+      for (int64_t c = 0; c < C; c += 16) {
+        const __mmask16 k = lanes_left(C - c);
+        __m512 z = _mm512_fmadd_ps(load_bf16(k, Pp + m * C + c), _mm512_maskz_loadu_ps(k, scale.data() + c),
+                                   _mm512_maskz_loadu_ps(k, offset.data() + c));
+        __m512 cdf, pdf;
+        normal_cdf_pdf(z, cdf, pdf);
+        store_bf16(Y + m * C + c, k, _mm512_mul_ps(z, cdf));
+      }
+  });
+  return {y, p, code, mean, invstd, var};
+}
+
+// Returns (gx, gweight, gbias): gx in x's shape (N, C, H, W), zero where the pool dropped.
+std::vector<torch::Tensor> pool_bn_gelu_backward(torch::Tensor gy, torch::Tensor p, torch::Tensor code,
+                                                 torch::Tensor weight, torch::Tensor bias,
+                                                 torch::Tensor mean, torch::Tensor invstd,
+                                                 bool pool, int64_t H, int64_t W) {
+  auto cl = at::MemoryFormat::ChannelsLast;
+  gy = gy.to(torch::kBFloat16).contiguous(cl);
+  const int64_t N = p.size(0), C = p.size(1), h = p.size(2), w = p.size(3), M = N * h * w;
+  auto wt = weight.to(torch::kFloat32).contiguous(), bs = bias.to(torch::kFloat32).contiguous();
+  const float* mu = mean.data_ptr<float>();
+  const float* is = invstd.data_ptr<float>();
+  std::vector<float> scale(C), offset(C);
+  for (int64_t c = 0; c < C; c++) {
+    scale[c] = is[c] * wt.data_ptr<float>()[c];
+    offset[c] = bs.data_ptr<float>()[c] - mu[c] * scale[c];
+  }
+  const u16* Pp = reinterpret_cast<const u16*>(p.data_ptr());
+  const u16* G = reinterpret_cast<const u16*>(gy.data_ptr());
+  // xhat = (p - mean) * invstd
+  auto xhat_at = [&](int64_t m, int64_t c, __mmask16 k) {
+    __m512 v = load_bf16(k, Pp + m * C + c);
+    return _mm512_mul_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(k, mu + c)), _mm512_maskz_loadu_ps(k, is + c));
+  };
+  // pass A: gz, the gradient at the GELU's input, kept in bf16 (as PyTorch's GELU
+  // backward hands it on; pass B reads it rather than evaluating the GELU again, the
+  // costliest arithmetic here), and per channel sum(gz) (the bias gradient) and
+  // sum(gz * xhat) (the weight's), both from the rounded gz so they agree with pass B
+  auto gzs = torch::empty_like(p);
+  u16* GZ = reinterpret_cast<u16*>(gzs.data_ptr());
+  const int64_t chunks = chunk_count(M);
+  std::vector<Sums> sums(chunks, Sums(C));
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ch++) {
+      Sums& s = sums[ch];
+      const int64_t b = M * ch / chunks, e = M * (ch + 1) / chunks;
+      for (int64_t m = b; m < e; m++) {
+        for (int64_t c = 0; c < C; c += 16) {
+          const __mmask16 k = lanes_left(C - c);
+          __m512 v = load_bf16(k, Pp + m * C + c);
+          __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(k, mu + c)),
+                                      _mm512_maskz_loadu_ps(k, is + c));
+          __m512 z = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k, scale.data() + c),
+                                     _mm512_maskz_loadu_ps(k, offset.data() + c));
+          __m512 cdf, pdf;
+          normal_cdf_pdf(z, cdf, pdf);
+          __m256i gz16 = narrow(_mm512_mul_ps(load_bf16(k, G + m * C + c), _mm512_fmadd_ps(z, pdf, cdf)));
+          _mm256_mask_storeu_epi16(GZ + m * C + c, k, gz16);
+          __m512 gz = widen(gz16);
+          accumulate(s, c, k, gz, _mm512_mul_ps(gz, xhat));
+        }
+        if ((m - b) % 64 == 63) s.flush();
+      }
+      s.flush();
+    }
+  });
+  std::vector<double> s1(C), s2(C);
+  for (int64_t ch = 0; ch < chunks; ch++)
+    for (int64_t c = 0; c < C; c++) { s1[c] += sums[ch].d1[c]; s2[c] += sums[ch].d2[c]; }
+  auto gbias = torch::empty({C}, mean.options()), gweight = torch::empty({C}, mean.options());
+  std::vector<float> a(C), b1(C), b2(C);  // gp = a * (gz - b1 - xhat * b2)
+  for (int64_t c = 0; c < C; c++) {
+    gbias.data_ptr<float>()[c] = float(s1[c]);
+    gweight.data_ptr<float>()[c] = float(s2[c]);
+    a[c] = scale[c];
+    b1[c] = float(s1[c] / M);
+    b2[c] = float(s2[c] / M);
+  }
+  // pass B: the gradient at p, written straight into x's shape through the pool's codes
+  auto gx = torch::empty({N, C, pool ? H : h, pool ? W : w}, p.options().memory_format(cl));
+  u16* GX = reinterpret_cast<u16*>(gx.data_ptr());
+  const uint8_t* K = pool ? code.data_ptr<uint8_t>() : nullptr;
+  at::parallel_for(0, N * h, 1, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; r++) {
+      const int64_t n = r / h, i = r % h;
+      for (int64_t j = 0; j < w; j++) {
+        const int64_t m = r * w + j;
+        for (int64_t c = 0; c < C; c += 16) {
+          const __mmask16 k = lanes_left(C - c);
+          __m512 xhat = xhat_at(m, c, k);
+          __m512 t = _mm512_sub_ps(load_bf16(k, GZ + m * C + c), _mm512_maskz_loadu_ps(k, b1.data() + c));
+          t = _mm512_fnmadd_ps(xhat, _mm512_maskz_loadu_ps(k, b2.data() + c), t);
+          __m256i g = narrow(_mm512_mul_ps(t, _mm512_maskz_loadu_ps(k, a.data() + c)));
+          if (!pool) {
+            _mm256_mask_storeu_epi16(GX + m * C + c, k, g);
+            continue;
+          }
+          __m128i cd = _mm_maskz_loadu_epi8(k, K + m * C + c);
+          u16* o = GX + ((n * H + 2 * i) * W + 2 * j) * C + c;
+          u16* dst[4] = {o, o + C, o + W * C, o + W * C + C};
+          for (int q = 0; q < 4; q++) {
+            __mmask16 hit = _mm_cmpeq_epi8_mask(cd, _mm_set1_epi8(char(q)));
+            _mm256_mask_storeu_epi16(dst[q], k, _mm256_maskz_mov_epi16(hit, g));
+          }
+        }
+      }
+      if (pool && W % 2) {  // the last column, which the pool dropped
+        for (int64_t y = 2 * i; y < 2 * i + 2; y++)
+          std::memset(GX + ((n * H + y) * W + W - 1) * C, 0, C * sizeof(u16));
+      }
+      if (pool && H % 2 && i == h - 1)  // and the last row
+        std::memset(GX + (n * H + H - 1) * W * C, 0, W * C * sizeof(u16));
+    }
+  });
+  return {gx, gweight, gbias};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pool_bn_gelu_forward", &pool_bn_gelu_forward);
+  m.def("pool_bn_gelu_backward", &pool_bn_gelu_backward);
+}

@@ -1,0 +1,131 @@
+"""Fused CPU kernels for the fast net's max-pool, BatchNorm and GELU (native.cpp).
+
+Once the convolutions ran on AMX (README, "Another CPU"), the layers between them
+took about a third of a training step: max-pool, BatchNorm and GELU are each a
+pass or two over memory in each direction, and PyTorch's max-pool also writes an
+8-byte index per output. torch.compile, which should fuse them, made that block
+2-4x slower on this CPU (docs/fast-recipe.md), so they are written by hand here:
+`pool_bn_gelu` does a ConvGroup's "max-pool, BatchNorm, GELU" (or "BatchNorm,
+GELU") in two passes forward and two backward, in fp32 arithmetic on bf16
+channels_last tensors. It is used in training only, on x86 CPUs with AVX-512 (the
+machines this project runs on), for bf16 channels_last inputs; everything else
+takes PyTorch's own layers. The extension is compiled on first use (about 40 s;
+torch.utils.cpp_extension caches it under ~/.cache/torch_extensions, so later
+runs load it in a second) and CIFARCNN_NO_NATIVE=1 turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ext: Any = None
+_tried = False
+FLAGS = ("avx512f", "avx512bw", "avx512vl")
+
+
+def cpu_supported(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True on an x86-64 CPU with the AVX-512 parts the kernels use."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(FLAGS) <= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
+
+
+def extension() -> Any:
+    """The compiled module, or None (turned off, another CPU, or no compiler: a warning)."""
+    global _ext, _tried
+    if _tried:
+        return _ext
+    _tried = True
+    if os.environ.get("CIFARCNN_NO_NATIVE") or not cpu_supported():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _ext = load(name="cifarcnn_native", sources=[str(Path(__file__).with_name("native.cpp"))],
+                    extra_cflags=["-O3", *(f"-m{f}" for f in FLAGS), "-mfma"], verbose=False)
+    except Exception as err:  # a missing compiler or headers: fall back, say so once
+        warnings.warn(f"cifarcnn: the fused CPU kernels did not build ({type(err).__name__}: "
+                      f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); "
+                      "training uses PyTorch's own layers, a little slower. Install a C++ "
+                      "compiler (g++) to build them, or set CIFARCNN_NO_NATIVE=1 to skip.",
+                      stacklevel=2)
+        _ext = None
+    return _ext
+
+
+@contextlib.contextmanager
+def turned_off() -> Iterator[None]:
+    """PyTorch's own layers inside the block, as on a machine without the kernels: for
+    comparisons (benchmarks/fast_step.py --native, the tests)."""
+    global _ext, _tried
+    saved = extension(), _tried
+    _ext = None
+    try:
+        yield
+    finally:
+        _ext, _tried = saved
+
+
+class PoolBnGelu(torch.autograd.Function):
+    """gelu(batch_norm(max_pool2d(x, 2) if pool else x)) with batch statistics."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                eps: float, pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y, p, code, mean, invstd, var = _ext.pool_bn_gelu_forward(x, weight, bias, eps, pool)
+        ctx.save_for_backward(p, code, weight, bias, mean, invstd)
+        ctx.pool, ctx.hw = pool, tuple(x.shape[2:])
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        p, code, weight, bias, mean, invstd = ctx.saved_tensors
+        gx, gweight, gbias = _ext.pool_bn_gelu_backward(gy, p, code, weight, bias, mean,
+                                                        invstd, ctx.pool, *ctx.hw)
+        return (gx, gweight.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                gbias.to(bias.dtype) if ctx.needs_input_grad[2] else None, None, None)
+
+
+def usable(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
+    """Whether `pool_bn_gelu` takes the fused kernels for this input."""
+    return (norm.training and norm.track_running_stats and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.jit.is_scripting() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()  # torch.compile fuses its own way
+            and extension() is not None)
+
+
+def pool_bn_gelu(x: torch.Tensor, norm: nn.BatchNorm2d, pool: bool) -> torch.Tensor:
+    """gelu(norm(max_pool2d(x, 2))) (or without the pool), fused where `usable`.
+
+    The fused path updates `norm`'s running statistics as nn.BatchNorm2d does
+    (running += momentum x (batch - running), the variance unbiased).
+    """
+    if not usable(x, norm):
+        return F.gelu(norm(F.max_pool2d(x, 2) if pool else x))
+    y, mean, var = PoolBnGelu.apply(x, norm.weight, norm.bias, norm.eps, pool)
+    with torch.no_grad():
+        count = y.numel() // y.shape[1]
+        momentum = norm.momentum if norm.momentum is not None else 0.1
+        norm.running_mean.lerp_(mean, momentum)
+        norm.running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
+        norm.num_batches_tracked += 1
+    return y

@@ -1,0 +1,166 @@
+"""The fused max-pool, BatchNorm and GELU kernels (native.py) against PyTorch's layers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifarcnn import native
+from cifarcnn.models import build_model
+from cifarcnn.models.fast import BatchNorm
+
+CL = torch.channels_last
+
+
+@pytest.fixture
+def ext():
+    module = native.extension()
+    if module is None:
+        pytest.skip("the fused kernels need an x86 CPU with AVX-512 and a C++ compiler")
+    return module
+
+
+@pytest.fixture
+def stock(monkeypatch):
+    """Run PyTorch's layers instead, as on a machine without the kernels."""
+    def use() -> None:
+        monkeypatch.setattr(native, "_ext", None)
+        monkeypatch.setattr(native, "_tried", True)
+    return use
+
+
+def bf16_input(shape, seed=0):
+    torch.manual_seed(seed)
+    x = (torch.randn(shape) * 2 + 0.5).to(torch.bfloat16)
+    x[:, :, 0, 0] = x[:, :, 0, 1]  # ties inside pooling windows
+    x[0, :, 1, 1] = x[0, :, 0, 0]
+    return x.contiguous(memory_format=CL)
+
+
+def layers(x, bias, pool, fused):
+    """Output, input gradient, bias gradient and running statistics, one way or the other."""
+    norm = BatchNorm(x.shape[1], 0.4)
+    norm.bias.data.copy_(bias)
+    xi = x.clone().requires_grad_()
+    y = native.pool_bn_gelu(xi, norm, pool) if fused else F.gelu(
+        norm(F.max_pool2d(xi, 2) if pool else xi))
+    torch.manual_seed(1)
+    g = torch.randn(y.shape).to(y.dtype).contiguous(memory_format=CL)
+    y.backward(g)
+    return y, xi.grad, norm.bias.grad, norm.running_mean, norm.running_var, g
+
+
+def reference(x, bias, g, pool):
+    """The same layers in float64 from the same bf16 input: what both should approach."""
+    xi = x.double().requires_grad_()
+    p = F.max_pool2d(xi, 2) if pool else xi
+    b = bias.double().requires_grad_()
+    y = F.gelu(F.batch_norm(p, None, None, None, b, True, 0.0, 1e-12))
+    y.backward(g.double())
+    return y, xi.grad, b.grad
+
+
+def rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize(("shape", "pool"), [((16, 48, 31, 31), True), ((3, 37, 9, 8), True),
+                                             ((5, 20, 7, 7), True), ((40, 19, 5, 6), False)])
+def test_fused_layers_match_pytorchs_to_bf16_rounding(ext, shape, pool):
+    x = bf16_input(shape)
+    bias = torch.linspace(-1, 1, shape[1])
+    y1, gx1, gb1, rm1, rv1, g = layers(x, bias, pool, fused=True)
+    y0, gx0, gb0, rm0, rv0, _ = layers(x, bias, pool, fused=False)
+    ry, rgx, rgb = reference(x, bias, g, pool)
+    assert y1.dtype == gx1.dtype == torch.bfloat16 and gx1.shape == x.shape
+    assert y1.is_contiguous(memory_format=CL) and gx1.is_contiguous(memory_format=CL)
+    # fp32 arithmetic, rounded to bf16 where PyTorch's layers round too or less often: as
+    # close to float64 as those layers, up to one bf16 step (2^-8) of the largest value
+    for fused, torchs, ref in ((y1, y0, ry), (gx1, gx0, rgx), (gb1, gb0, rgb)):
+        assert rel(fused, ref) <= max(1.5 * rel(torchs, ref), 2**-8)
+    # the pool sends each gradient to the same element of its window, ties included
+    assert torch.equal(gx1 == 0, gx0 == 0)
+    # running statistics as nn.BatchNorm2d keeps them (unbiased variance, momentum 0.4)
+    torch.testing.assert_close(rm1, rm0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv1, rv0, rtol=1e-4, atol=1e-6)
+
+
+def test_a_constant_channel_and_a_nan_pass_through_as_pytorchs_do(ext):
+    x = bf16_input((4, 16, 6, 6))
+    x[:, 3] = 2.5  # variance 0: normalised to 0, GELU(bias)
+    x[1, 5, 2, 2] = float("nan")
+    y1, *_ = layers(x, torch.zeros(16), True, fused=True)
+    y0, *_ = layers(x, torch.zeros(16), True, fused=False)
+    assert torch.equal(y1[:, 3], y0[:, 3])
+    assert torch.equal(y1.isnan(), y0.isnan())  # the NaN wins its window, then its channel
+
+
+def test_without_the_kernels_the_layers_are_pytorchs(stock):
+    stock()
+    x = bf16_input((4, 16, 9, 9))
+    y1, gx1, gb1, *_ = layers(x, torch.zeros(16), True, fused=True)
+    y0, gx0, gb0, *_ = layers(x, torch.zeros(16), True, fused=False)
+    assert torch.equal(y1, y0) and torch.equal(gx1, gx0) and torch.equal(gb1, gb0)
+
+
+def test_only_training_on_bf16_channels_last_cpu_tensors_takes_the_kernels(ext):
+    norm = BatchNorm(16, 0.4)
+    x = bf16_input((4, 16, 8, 8))
+    assert native.usable(x, norm)
+    assert not native.usable(x.float(), norm)
+    assert not native.usable(x.contiguous(), norm)
+    assert not native.usable(x, norm.eval())
+
+
+def test_a_fast_net_trains_as_closely_to_fp32_with_the_kernels_as_without(ext, stock):
+    """One training step in bf16, each way, against the same step in fp32: the loss and
+    every gradient as close with the fused layers as with PyTorch's."""
+    def step(bf16: bool) -> tuple[float, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = build_model("fast", widths=[16, 32, 48]).to(memory_format=CL)
+        x = torch.randn(64, 3, 32, 32).contiguous(memory_format=CL)
+        y = torch.randint(0, 10, (64,))
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters() if p.grad is not None]
+
+    loss_fused, grads_fused = step(bf16=True)
+    stock()
+    loss_torch, grads_torch = step(bf16=True)
+    loss_ref, grads_ref = step(bf16=False)  # fp32: PyTorch's layers either way
+    assert abs(loss_fused - loss_ref) <= 2 * abs(loss_torch - loss_ref) + 1e-3
+    for fused, torchs, ref in zip(grads_fused, grads_torch, grads_ref, strict=True):
+        assert (fused - ref).norm() <= 1.5 * (torchs - ref).norm() + 1e-3 * ref.norm()
+
+
+def test_cpu_support_is_read_from_the_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n")
+    assert native.cpu_supported(info) == (native.platform.machine() in ("x86_64", "AMD64"))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert not native.cpu_supported(info)
+    assert not native.cpu_supported(tmp_path / "missing")
+
+
+def test_fast_step_benchmark_compares_the_kernels_site_by_site_and_step_by_step(ext):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fast_step.py"
+    r = subprocess.run([sys.executable, str(script), "--widths", "8,16,16", "--batch", "8",
+                        "--res", "16", "12", "--steps", "2", "--device", "cpu", "--native"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    # two sites per group (whitening leaves 15x15 of 16: pooled to 7, then 3, then 1)
+    sites = [line.split() for line in lines if line.startswith("groups.")]
+    assert [s[1] for s in sites] == ["pool+norm1+gelu", "norm2+gelu"] * 3
+    assert [s[2] for s in sites[::2]] == ["@15", "@7", "@3"]
+    assert all(float(v) > 0 for s in sites for v in s[3:])
+    steps = {line.split()[0]: line.split()[1:] for line in lines
+             if line.split() and line.split()[0] in ("16", "12")}
+    assert set(steps) == {"16", "12"} and all(len(v) == 5 for v in steps.values())
+    assert all(float(v) > 0 for v in steps["16"])
