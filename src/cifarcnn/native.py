@@ -1,15 +1,15 @@
 """Fused CPU kernels for the fast net's max-pool, BatchNorm and GELU (native.cpp).
 
 Once the convolutions ran on AMX (README, "Another CPU"), the layers between them
-took about a third of a training step: max-pool, BatchNorm and GELU are each a
+took over a quarter of a training step: max-pool, BatchNorm and GELU are each a
 pass or two over memory in each direction, and PyTorch's max-pool also writes an
 8-byte index per output. torch.compile, which should fuse them, made that block
-2-4x slower on this CPU (docs/fast-recipe.md), so they are written by hand here:
+1.7-3.7x slower on this CPU (docs/fast-recipe.md), so they are written by hand here:
 `pool_bn_gelu` does a ConvGroup's "max-pool, BatchNorm, GELU" (or "BatchNorm,
 GELU") in two passes forward and two backward, in fp32 arithmetic on bf16
 channels_last tensors. It is used in training only, on x86 CPUs with AVX-512 (the
 machines this project runs on), for bf16 channels_last inputs; everything else
-takes PyTorch's own layers. The extension is compiled on first use (about 40 s;
+takes PyTorch's own layers. The extension is compiled on first use (30-40 s;
 torch.utils.cpp_extension caches it under ~/.cache/torch_extensions, so later
 runs load it in a second) and CIFARCNN_NO_NATIVE=1 turns it off.
 """
