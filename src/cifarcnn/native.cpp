@@ -50,6 +50,12 @@ inline void store_bf16(u16* p, __mmask16 k, __m512 v) {
   _mm256_mask_storeu_epi16(p, k, narrow(v));
 }
 
+// (p - mean) * invstd for 16 channels
+inline __m512 normalized(__mmask16 k, const u16* p, const float* mean, const float* invstd) {
+  return _mm512_mul_ps(_mm512_sub_ps(load_bf16(k, p), _mm512_maskz_loadu_ps(k, mean)),
+                       _mm512_maskz_loadu_ps(k, invstd));
+}
+
 // exp(x) for x <= 0 (all callers pass -z*z/2): 2^n * e^r, |r| <= ln2/2, degree-6 series
 inline __m512 exp_neg(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -192,13 +198,11 @@ std::vector<torch::Tensor> pool_bn_gelu_forward(torch::Tensor x, torch::Tensor w
     var.data_ptr<float>()[c] = float(v);
     invstd.data_ptr<float>()[c] = float(1.0 / std::sqrt(v + eps));
   }
-  // y = gelu((p - mean) * invstd * weight + bias), as scale * p + offset inside the GELU
+  // y = gelu((p - mean) * invstd * weight + bias): the mean taken off first, as PyTorch
+  // does, so a channel with a large mean and a tiny spread keeps its digits
   auto wt = weight.to(torch::kFloat32).contiguous(), bs = bias.to(torch::kFloat32).contiguous();
-  std::vector<float> scale(C), offset(C);
-  for (int64_t c = 0; c < C; c++) {
-    scale[c] = invstd.data_ptr<float>()[c] * wt.data_ptr<float>()[c];
-    offset[c] = bs.data_ptr<float>()[c] - mean.data_ptr<float>()[c] * scale[c];
-  }
+  const float *mu = mean.data_ptr<float>(), *is = invstd.data_ptr<float>();
+  const float *wv = wt.data_ptr<float>(), *bv = bs.data_ptr<float>();
   auto y = torch::empty({N, C, h, w}, x.options().memory_format(cl));
   const u16* Pp = reinterpret_cast<const u16*>(p.data_ptr());
   u16* Y = reinterpret_cast<u16*>(y.data_ptr());
@@ -206,8 +210,8 @@ std::vector<torch::Tensor> pool_bn_gelu_forward(torch::Tensor x, torch::Tensor w
     for (int64_t m = b; m < e; m++)
       for (int64_t c = 0; c < C; c += 16) {
         const __mmask16 k = lanes_left(C - c);
-        __m512 z = _mm512_fmadd_ps(load_bf16(k, Pp + m * C + c), _mm512_maskz_loadu_ps(k, scale.data() + c),
-                                   _mm512_maskz_loadu_ps(k, offset.data() + c));
+        __m512 z = _mm512_fmadd_ps(normalized(k, Pp + m * C + c, mu + c, is + c),
+                                   _mm512_maskz_loadu_ps(k, wv + c), _mm512_maskz_loadu_ps(k, bv + c));
         __m512 cdf, pdf;
         normal_cdf_pdf(z, cdf, pdf);
         store_bf16(Y + m * C + c, k, _mm512_mul_ps(z, cdf));
@@ -225,20 +229,10 @@ std::vector<torch::Tensor> pool_bn_gelu_backward(torch::Tensor gy, torch::Tensor
   gy = gy.to(torch::kBFloat16).contiguous(cl);
   const int64_t N = p.size(0), C = p.size(1), h = p.size(2), w = p.size(3), M = N * h * w;
   auto wt = weight.to(torch::kFloat32).contiguous(), bs = bias.to(torch::kFloat32).contiguous();
-  const float* mu = mean.data_ptr<float>();
-  const float* is = invstd.data_ptr<float>();
-  std::vector<float> scale(C), offset(C);
-  for (int64_t c = 0; c < C; c++) {
-    scale[c] = is[c] * wt.data_ptr<float>()[c];
-    offset[c] = bs.data_ptr<float>()[c] - mu[c] * scale[c];
-  }
+  const float *mu = mean.data_ptr<float>(), *is = invstd.data_ptr<float>();
+  const float *wv = wt.data_ptr<float>(), *bv = bs.data_ptr<float>();
   const u16* Pp = reinterpret_cast<const u16*>(p.data_ptr());
   const u16* G = reinterpret_cast<const u16*>(gy.data_ptr());
-  // xhat = (p - mean) * invstd
-  auto xhat_at = [&](int64_t m, int64_t c, __mmask16 k) {
-    __m512 v = load_bf16(k, Pp + m * C + c);
-    return _mm512_mul_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(k, mu + c)), _mm512_maskz_loadu_ps(k, is + c));
-  };
   // pass A: gz, the gradient at the GELU's input, kept in bf16 (as PyTorch's GELU
   // backward hands it on; pass B reads it rather than evaluating the GELU again, the
   // costliest arithmetic here), and per channel sum(gz) (the bias gradient) and
@@ -254,11 +248,8 @@ std::vector<torch::Tensor> pool_bn_gelu_backward(torch::Tensor gy, torch::Tensor
       for (int64_t m = b; m < e; m++) {
         for (int64_t c = 0; c < C; c += 16) {
           const __mmask16 k = lanes_left(C - c);
-          __m512 v = load_bf16(k, Pp + m * C + c);
-          __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(k, mu + c)),
-                                      _mm512_maskz_loadu_ps(k, is + c));
-          __m512 z = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(k, scale.data() + c),
-                                     _mm512_maskz_loadu_ps(k, offset.data() + c));
+          __m512 xhat = normalized(k, Pp + m * C + c, mu + c, is + c);
+          __m512 z = _mm512_fmadd_ps(xhat, _mm512_maskz_loadu_ps(k, wv + c), _mm512_maskz_loadu_ps(k, bv + c));
           __m512 cdf, pdf;
           normal_cdf_pdf(z, cdf, pdf);
           __m256i gz16 = narrow(_mm512_mul_ps(load_bf16(k, G + m * C + c), _mm512_fmadd_ps(z, pdf, cdf)));
@@ -279,7 +270,7 @@ std::vector<torch::Tensor> pool_bn_gelu_backward(torch::Tensor gy, torch::Tensor
   for (int64_t c = 0; c < C; c++) {
     gbias.data_ptr<float>()[c] = float(s1[c]);
     gweight.data_ptr<float>()[c] = float(s2[c]);
-    a[c] = scale[c];
+    a[c] = is[c] * wv[c];
     b1[c] = float(s1[c] / M);
     b2[c] = float(s2[c] / M);
   }
@@ -294,7 +285,7 @@ std::vector<torch::Tensor> pool_bn_gelu_backward(torch::Tensor gy, torch::Tensor
         const int64_t m = r * w + j;
         for (int64_t c = 0; c < C; c += 16) {
           const __mmask16 k = lanes_left(C - c);
-          __m512 xhat = xhat_at(m, c, k);
+          __m512 xhat = normalized(k, Pp + m * C + c, mu + c, is + c);
           __m512 t = _mm512_sub_ps(load_bf16(k, GZ + m * C + c), _mm512_maskz_loadu_ps(k, b1.data() + c));
           t = _mm512_fnmadd_ps(xhat, _mm512_maskz_loadu_ps(k, b2.data() + c), t);
           __m256i g = narrow(_mm512_mul_ps(t, _mm512_maskz_loadu_ps(k, a.data() + c)));

@@ -367,8 +367,9 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             _warm_up(net, model, example(size)[:mine.stop - mine.start], device, precision)
             for p, flag in zip(model.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
-        setup_seconds += time.perf_counter() - t0
-        log(f"--mode {cfg.mode}: {setup_seconds:.1f}s one-time set-up "
+        took = time.perf_counter() - t0
+        setup_seconds += took
+        log(f"--mode {cfg.mode}: {took:.1f}s one-time set-up "
             "(compile/trace, not counted as training time)")
 
     # Evaluation runs the mode's graph in one process; under DDP the plain model, because
