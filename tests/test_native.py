@@ -114,6 +114,7 @@ def test_only_training_on_bf16_channels_last_cpu_tensors_takes_the_kernels(ext):
     assert native.usable(x, norm)
     assert not native.usable(x.float(), norm)
     assert not native.usable(x.contiguous(), norm)
+    assert not native.usable(x, BatchNorm(16, None))  # a cumulative average: PyTorch's
     assert not native.usable(x, norm.eval())
 
 

@@ -105,7 +105,9 @@ class PoolBnGelu(torch.autograd.Function):
 
 def usable(x: torch.Tensor, norm: nn.BatchNorm2d) -> bool:
     """Whether `pool_bn_gelu` takes the fused kernels for this input."""
-    return (norm.training and norm.track_running_stats and x.device.type == "cpu"
+    # momentum None (a cumulative average in nn.BatchNorm2d) is left to PyTorch's layer
+    return (norm.training and norm.track_running_stats and norm.momentum is not None
+            and x.device.type == "cpu"
             and x.dtype == torch.bfloat16 and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.jit.is_scripting() and not torch.jit.is_tracing()
@@ -124,8 +126,7 @@ def pool_bn_gelu(x: torch.Tensor, norm: nn.BatchNorm2d, pool: bool) -> torch.Ten
     y, mean, var = PoolBnGelu.apply(x, norm.weight, norm.bias, norm.eps, pool)
     with torch.no_grad():
         count = y.numel() // y.shape[1]
-        momentum = norm.momentum if norm.momentum is not None else 0.1
-        norm.running_mean.lerp_(mean, momentum)
-        norm.running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
+        norm.running_mean.lerp_(mean, norm.momentum)
+        norm.running_var.lerp_(var * (count / max(count - 1, 1)), norm.momentum)
         norm.num_batches_tracked += 1
     return y
