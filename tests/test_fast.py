@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -680,3 +682,52 @@ def test_cpu_peak_probe_reports_the_vector_units_rates():
     assert len(kernels) == 5 and all(line.endswith("%") for line in kernels)
     # taps inside the image never exceed the nominal count
     assert all(0 < float(line.split()[-2]) <= float(line.split()[-3]) for line in kernels)
+
+
+def test_recipe_cost_benchmark_counts_the_steps_training_takes(tmp_path):
+    """The step plan it prices is the training loop's own: sizes, batches, frozen groups."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import recipe_cost
+    finally:
+        sys.path.pop(0)
+    recipe = recipe_cost.parse_recipe("fast=", "cpu")
+    assert recipe.counts == {(16, 1000, 0): 50, (24, 1000, 0): 100, (32, 1000, 1): 175}
+    airbench = recipe_cost.parse_recipe(recipe_cost.AIRBENCH, "cpu")
+    assert airbench.plain and airbench.cfg.model_kwargs["gemm_grad_positions"] == 0
+    assert airbench.counts == {(32, 2000, 0): 75, (32, 2000, 1): 125}
+    # a tiny run's epochs: the images each trained on, against the plan for as many images
+    small = recipe_cost.parse_recipe("s=--model-arg widths=[8,16,16] --batch-size 40 "
+                                     "--epochs 5 --low-res-epochs 1 --tta none", "cpu")
+    cfg = dataclasses.replace(small.cfg, out=str(tmp_path / "r"))
+    train(cfg, data=tiny_data(200, 40), quiet=True)
+    history = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    sizes = [16, 24, 32, 32, 32]
+    trained = Counter()
+    for epoch, h in zip(range(5), history, strict=True):
+        trained[sizes[epoch], 40, int(epoch >= 3)] += -(-h["train_images"] // 40)
+    assert recipe_cost.plan(cfg, train_images=200) == trained
+    model, _ = recipe_cost.frozen_model(cfg, 1)
+    assert not model.whiten.bias.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters()
+               if n != "whiten.bias" and n.endswith("conv1.weight"))
+
+
+def test_recipe_cost_benchmark_prices_recipes_in_the_same_rounds():
+    script = str(ROOT / "benchmarks" / "recipe_cost.py")
+    tiny = "--model-arg widths=[8,16,16] --batch-size 100"
+    r = subprocess.run([sys.executable, script, "--recipe", f"a={tiny} --epochs 4",
+                        "--recipe", f"b={tiny} --epochs 8 --pytorch-layers", "--rounds", "2",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()
+            if line.split()[:1] in (["a"], ["b"]) and len(line.split()) == 6}
+    # epochs 1-3 on all 50,000 images at 16 and 24, then 35,000 a selected epoch
+    assert rows["a"][1] == str(500 + 1000 + 350) and rows["b"][1] == str(500 + 1000 + 5 * 350)
+    assert float(rows["a"][4]) == 1.0 and float(rows["b"][4]) > 1.0
+    assert "round 2/2 done" in r.stderr
+    for bad, message in (("x", "give NAME=FLAGS"), ("x=--bogus 1", "unknown flags --bogus"),
+                         ("x=--epochs 0", "--recipe x: --epochs")):
+        r = subprocess.run([sys.executable, script, "--recipe", bad], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
