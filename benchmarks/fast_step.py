@@ -201,10 +201,23 @@ def best_of(fn: Callable[[], object], steps: int) -> float:
 
 def native_site_times(widths: tuple[int, ...], batch: int, res: int, steps: int
                       ) -> list[tuple[str, float, float]]:
-    """Per site of the groups: (name, PyTorch's layers s, fused kernels s) for forward and
-    backward of "max-pool, BatchNorm, GELU" after each first conv and "BatchNorm, GELU"
-    after each second one, best of `steps`, on random bf16 channels_last tensors."""
+    """Per site: (name, PyTorch's layers s, the kernels s) for forward and backward of the
+    whitening layer's GELU, "max-pool, BatchNorm, GELU" after each group's first conv and
+    "BatchNorm, GELU" after each second one, best of `steps`, on random bf16
+    channels_last tensors."""
     model = build_model("fast", widths=list(widths))
+    rows = []
+    w = model.whiten.out_channels, res - 1  # the 2x2 whitening conv, no padding
+    xw = torch.randn(batch, w[0], w[1], w[1]).to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    gw = torch.randn_like(xw)
+
+    def whiten_gelu() -> None:
+        native.gelu(xw).backward(gw)
+
+    with native.turned_off():
+        plain = best_of(whiten_gelu, steps)
+    rows.append((f"whiten gelu @{w[1]}", plain, best_of(whiten_gelu, steps)))
     sizes: list[tuple[int, int]] = []  # (channels, size) of each first conv's output
     hooks = [g.conv1.register_forward_hook(
         lambda mod, inp, out: sizes.append((out.shape[1], out.shape[2])))
@@ -213,7 +226,6 @@ def native_site_times(widths: tuple[int, ...], batch: int, res: int, steps: int
         model(torch.randn(2, 3, res, res))
     for h in hooks:
         h.remove()
-    rows = []
     for i, (c, size) in enumerate(sizes):
         for pool, name in ((True, f"groups.{i} pool+norm1+gelu @{size}"),
                            (False, f"groups.{i} norm2+gelu @{size // 2}")):
@@ -237,8 +249,8 @@ def native_site_times(widths: tuple[int, ...], batch: int, res: int, steps: int
 def native_step_pairs(widths: tuple[int, ...], batch: int, res: int, steps: int,
                       model_args: dict | None, frozen_whiten: bool
                       ) -> tuple[list[float], list[float]]:
-    """Whole steps of one model, alternating PyTorch's layers and the fused kernels (the
-    model's own choice: the pool sites): the machine's swings hit both alike."""
+    """Whole steps of one model, alternating PyTorch's layers and the kernels (at every
+    site they serve): the machine's swings hit both alike."""
     one = make_step(widths, batch, res, "cpu", False, model_args, frozen_whiten)
     plain, fused = [], []
     for i in range(steps + 1):  # the first pair warms up

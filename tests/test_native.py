@@ -1,4 +1,5 @@
-"""The fused max-pool, BatchNorm and GELU kernels (native.py) against PyTorch's layers."""
+"""The CPU kernels (native.py): fused max-pool, BatchNorm and GELU, the GELU alone and the
+im2col filter gradient, against PyTorch's layers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from cifarcnn import native
 from cifarcnn.models import build_model
-from cifarcnn.models.fast import BatchNorm
+from cifarcnn.models.fast import BatchNorm, im2col_filter_grad
 
 CL = torch.channels_last
 
@@ -90,6 +91,60 @@ def test_fused_layers_match_pytorchs_to_bf16_rounding(ext, shape, pool):
     torch.testing.assert_close(rv1, rv0, rtol=1e-4, atol=1e-6)
 
 
+def test_the_gelu_alone_matches_pytorchs_to_bf16_rounding(ext):
+    """Its rational GELU and GELU' (within 2e-6 of the exact ones) round to the same bf16
+    values as PyTorch's erf GELU but for ties: every bf16 value from -8 to 8 and beyond."""
+    x = torch.linspace(-8, 8, 100001).to(torch.bfloat16).unique()
+    x = torch.cat([x, torch.tensor([-30.0, -6.0, 6.0, 30.0], dtype=torch.bfloat16)])
+    g = torch.linspace(-3, 3, len(x)).to(torch.bfloat16)
+    xd = x.double()
+    cdf = 0.5 * (1 + torch.erf(xd / 2**0.5))
+    want_y = xd * cdf
+    want_gx = g.double() * (cdf + xd * torch.exp(-xd**2 / 2) / (2 * torch.pi) ** 0.5)
+    x1, x0 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y0 = native.gelu(x1), F.gelu(x0)
+    y1.backward(g)
+    y0.backward(g)
+    for ours, torchs, ref in ((y1, y0, want_y), (x1.grad, x0.grad, want_gx)):
+        assert ours.dtype == torch.bfloat16
+        # within one bf16 step (2^-8 relative) of the exact value, as PyTorch's are, or
+        # within 1e-5 where GELU is that small (past |z| = 5.5 the kernel's CDF is 0 or 1)
+        step = ref.abs() * 2**-8 + 1e-5
+        assert ((ours.double() - ref).abs() <= step).all()
+        assert ((ours.double() - ref).abs() <= (torchs.double() - ref).abs() + step).all()
+        # above z = -3 (GELU > -0.004) the same bf16 value, but for a few rounding ties
+        assert (ours != torchs)[x > -3].float().mean() < 0.01
+    assert (y1[x < -4] <= 0).all()  # the far tail keeps GELU's sign
+    # a NaN stays NaN both ways, and the kernel keeps a channels_last layout
+    n = torch.tensor([float("nan"), 1.0], dtype=torch.bfloat16)
+    assert native.gelu(n).isnan().tolist() == [True, False]
+    z = bf16_input((2, 5, 4, 3))
+    assert native.gelu(z).is_contiguous(memory_format=CL)
+    assert torch.equal(native.gelu(z), ext.gelu_forward(z.contiguous()).contiguous(
+        memory_format=CL))
+
+
+def test_the_kernels_im2col_gives_the_python_versions_numbers(ext, stock):
+    torch.manual_seed(0)
+    cases = [((6, 7, 3, 3), 5, 1 << 20), ((5, 16, 7, 7), 9, 3 * 7 * 7 * 9 * 16 * 2),
+             ((3, 4, 1, 1), 2, 1), ((2, 33, 5, 6), 8, 1 << 30)]
+    for shape, out, chunk in cases:  # ragged last chunks, 1x1 maps, odd channel counts
+        x = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=CL)
+        g = torch.randn(shape[0], out, *shape[2:]).to(torch.bfloat16).contiguous(
+            memory_format=CL)
+        assert native.usable_for_im2col(g, x)
+        ours = im2col_filter_grad(g, x, chunk)
+        want = torch.ops.aten.convolution_backward(
+            g.double(), x.double(), torch.zeros(out, shape[1], 3, 3, dtype=torch.float64), None,
+            [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+        torch.testing.assert_close(ours.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max())
+        stock()  # the Python version: the same products, added in the same order
+        assert torch.equal(im2col_filter_grad(g, x, chunk), ours)
+        native._ext = ext
+    assert not native.usable_for_im2col(g.float(), x.float())
+    assert not native.usable_for_im2col(g, x.contiguous())
+
+
 def test_a_constant_channel_and_a_nan_pass_through_as_pytorchs_do(ext):
     x = bf16_input((4, 16, 6, 6))
     x[:, 3] = 2.5  # variance 0: normalised to 0, GELU(bias)
@@ -144,6 +199,9 @@ def test_cpu_support_is_read_from_the_flags(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n")
     assert native.cpu_supported(info) == (native.platform.machine() in ("x86_64", "AMD64"))
+    assert "-mavx512bf16" not in native.compile_flags(info)
+    info.write_text("flags\t\t: avx512f avx512bw avx512vl avx512_bf16\n")
+    assert native.compile_flags(info)[-1] == "-mavx512bf16"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
     assert not native.cpu_supported(info)
     assert not native.cpu_supported(tmp_path / "missing")
@@ -157,6 +215,7 @@ def test_fast_step_benchmark_compares_the_kernels_site_by_site_and_step_by_step(
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     # two sites per group (whitening leaves 15x15 of 16: pooled to 7, then 3, then 1)
+    assert any(line.split()[:3] == ["whiten", "gelu", "@15"] for line in lines)
     sites = [line.split() for line in lines if line.startswith("groups.")]
     assert [s[1] for s in sites] == ["pool+norm1+gelu", "norm2+gelu"] * 3
     assert [s[2] for s in sites[::2]] == ["@15", "@7", "@3"]

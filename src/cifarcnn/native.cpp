@@ -1,14 +1,16 @@
 // Fused CPU kernels for the fast net's elementwise layers (see native.py for why).
 //
 // pool_bn_gelu: an optional 2x2 max-pool, then BatchNorm with batch statistics, then
-// the exact (erf) GELU, on bf16 tensors in channels_last layout, forward and backward.
+// the (erf) GELU, on bf16 tensors in channels_last layout, forward and backward; and the
+// GELU alone (gelu_forward, gelu_backward) for the layers with no BatchNorm before it.
 // Unfused, PyTorch runs these as five to seven passes over memory per direction, and its
 // max-pool writes an int64 index per output; here the forward is two passes (pool and
 // statistics, then normalise and GELU) and the backward two (the two per-channel sums,
 // then the input gradient, scattered back through the pool), with a one-byte pool code.
 // Arithmetic is fp32; statistics are accumulated in double per chunk; the gradient at the
 // GELU's input passes between the backward's two passes in bf16, as in PyTorch's layers.
-// Compiled for AVX-512 (F, BW, VL); native.py only loads it on CPUs that have those.
+// Compiled for AVX-512 (F, BW, VL; BF16 where present); native.py only loads it on CPUs
+// that have the first three.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -35,8 +37,13 @@ inline __m512 widen(__m256i a) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16));
 }
 
-// fp32 -> bf16, rounding to nearest even (as PyTorch does); NaN stays a quiet NaN
+// fp32 -> bf16, rounding to nearest even (as PyTorch does); NaN stays a quiet NaN. With
+// AVX512-BF16 (native.py compiles for it where the CPU has it) one instruction does it,
+// flushing subnormals (below 1.2e-38) to zero on the way.
 inline __m256i narrow(__m512 v) {
+#ifdef __AVX512BF16__
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
   __m512i u = _mm512_castps_si512(v);
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
@@ -44,6 +51,7 @@ inline __m256i narrow(__m512 v) {
   __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
+#endif
 }
 
 inline void store_bf16(u16* p, __mmask16 k, __m512 v) {
@@ -56,45 +64,43 @@ inline __m512 normalized(__mmask16 k, const u16* p, const float* mean, const flo
                        _mm512_maskz_loadu_ps(k, invstd));
 }
 
-// exp(x) for x <= 0 (all callers pass -z*z/2): 2^n * e^r, |r| <= ln2/2, degree-6 series
-inline __m512 exp_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+// The GELU and its derivative as rational functions of z (no exp): both are 1/2 plus an
+// odd function, z P(z^2) / Q(z^2), fitted over |z| <= 5.5 (scripts/fit_gelu.py; beyond it
+// the CDF is within 2e-8 of 0 or 1 and z is clamped there). Largest errors: 1.8e-6 for
+// Phi(z), the normal CDF, and 1.9e-6 for GELU'(z) = Phi(z) + z phi(z), far below bf16's
+// resolution (2^-8), and each a third of the arithmetic of an exp-based erf: on the AMX
+// Xeon that arithmetic was ~40% of these kernels' time (docs/fast-recipe.md, "A ninth
+// round"). The backward needs only GELU', so it never evaluates Phi or phi themselves.
+constexpr float CDF_P[] = {0.398951617f, 0.0301228737f, 0.00434365917f, 6.38704832e-05f};
+constexpr float CDF_Q[] = {1.0f, 0.242279571f, 0.0261316003f, 0.00151458006f, 4.07921288e-06f};
+constexpr float DGELU_P[] = {0.797872507f, -0.0170461938f, 0.0127480101f, 0.000312132986f,
+                             2.29212996e-05f};
+constexpr float DGELU_Q[] = {1.0f, 0.311866616f, 0.0451305011f, 0.00377601693f,
+                             0.000254112223f, 2.70646974e-06f};
+constexpr float GELU_CLAMP = 5.5f;
+
+template <int NP, int NQ>
+inline __m512 half_plus_odd(__m512 z, const float (&p)[NP], const float (&q)[NQ]) {
+  // max/min return their second operand where either is NaN: a NaN z stays NaN
+  z = _mm512_min_ps(_mm512_set1_ps(GELU_CLAMP), _mm512_max_ps(_mm512_set1_ps(-GELU_CLAMP), z));
+  const __m512 t = _mm512_mul_ps(z, z);
+  __m512 num = _mm512_set1_ps(p[NP - 1]);
+  for (int i = NP - 2; i >= 0; i--) num = _mm512_fmadd_ps(num, t, _mm512_set1_ps(p[i]));
+  __m512 den = _mm512_set1_ps(q[NQ - 1]);
+  for (int i = NQ - 2; i >= 0; i--) den = _mm512_fmadd_ps(den, t, _mm512_set1_ps(q[i]));
+  // 1 / den: the approximate reciprocal (2^-14) and one Newton step (a divide costs more
+  // than the rest of this function); den >= 1 on the whole range
+  __m512 r = _mm512_rcp14_ps(den);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.0f)));
+  return _mm512_fmadd_ps(_mm512_mul_ps(z, num), r, _mm512_set1_ps(0.5f));
 }
 
-// Phi(z) (the normal CDF) and phi(z) (its density) together: one exp serves both.
-// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7).
-inline void normal_cdf_pdf(__m512 z, __m512& cdf, __m512& pdf) {
-  const __m512 half = _mm512_set1_ps(0.5f);
-  __m512 a = _mm512_abs_ps(_mm512_mul_ps(z, _mm512_set1_ps(0.70710678f)));  // |z|/sqrt2
-  __m512 e = exp_neg(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-0.5f)));
-  // t = 1 / (1 + 0.3275911 a): the approximate reciprocal and one Newton step (a divide
-  // costs more than the rest of this function)
-  __m512 den = _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f));
-  __m512 t = _mm512_rcp14_ps(den);
-  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));
-  __m512 q = _mm512_set1_ps(1.061405429f);
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-1.453152027f));
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
-  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
-  __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(q, t), e, _mm512_set1_ps(1.0f));
-  __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
-  __m512 erf = _mm512_mask_sub_ps(erf_abs, neg, _mm512_setzero_ps(), erf_abs);
-  cdf = _mm512_fmadd_ps(erf, half, half);
-  pdf = _mm512_mul_ps(e, _mm512_set1_ps(0.39894228f));  // 1/sqrt(2 pi)
+// the CDF kept >= 0, so GELU(z) never takes the wrong sign in the far tail (and
+// GELU(-inf) is NaN, as PyTorch's)
+inline __m512 gelu(__m512 z) {
+  return _mm512_mul_ps(z, _mm512_max_ps(half_plus_odd(z, CDF_P, CDF_Q), _mm512_setzero_ps()));
 }
+inline __m512 gelu_grad(__m512 z) { return half_plus_odd(z, DGELU_P, DGELU_Q); }
 
 // the chunks a pass is split into: a few per thread, each with its own partial sums
 int64_t chunk_count(int64_t rows) {
@@ -212,9 +218,7 @@ std::vector<torch::Tensor> pool_bn_gelu_forward(torch::Tensor x, torch::Tensor w
         const __mmask16 k = lanes_left(C - c);
         __m512 z = _mm512_fmadd_ps(normalized(k, Pp + m * C + c, mu + c, is + c),
                                    _mm512_maskz_loadu_ps(k, wv + c), _mm512_maskz_loadu_ps(k, bv + c));
-        __m512 cdf, pdf;
-        normal_cdf_pdf(z, cdf, pdf);
-        store_bf16(Y + m * C + c, k, _mm512_mul_ps(z, cdf));
+        store_bf16(Y + m * C + c, k, gelu(z));
       }
   });
   return {y, p, code, mean, invstd, var};
@@ -250,9 +254,7 @@ std::vector<torch::Tensor> pool_bn_gelu_backward(torch::Tensor gy, torch::Tensor
           const __mmask16 k = lanes_left(C - c);
           __m512 xhat = normalized(k, Pp + m * C + c, mu + c, is + c);
           __m512 z = _mm512_fmadd_ps(xhat, _mm512_maskz_loadu_ps(k, wv + c), _mm512_maskz_loadu_ps(k, bv + c));
-          __m512 cdf, pdf;
-          normal_cdf_pdf(z, cdf, pdf);
-          __m256i gz16 = narrow(_mm512_mul_ps(load_bf16(k, G + m * C + c), _mm512_fmadd_ps(z, pdf, cdf)));
+          __m256i gz16 = narrow(_mm512_mul_ps(load_bf16(k, G + m * C + c), gelu_grad(z)));
           _mm256_mask_storeu_epi16(GZ + m * C + c, k, gz16);
           __m512 gz = widen(gz16);
           accumulate(s, c, k, gz, _mm512_mul_ps(gz, xhat));
@@ -313,7 +315,96 @@ std::vector<torch::Tensor> pool_bn_gelu_backward(torch::Tensor gy, torch::Tensor
   return {gx, gweight, gbias};
 }
 
+// GELU alone, elementwise (the whitening layer's): bf16 in, bf16 out, fp32 arithmetic.
+torch::Tensor gelu_forward(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_non_overlapping_and_dense(),
+              "x: a dense bf16 tensor");
+  auto y = torch::empty_like(x);  // the same strides, so one flat loop serves both
+  const u16* X = reinterpret_cast<const u16*>(x.data_ptr());
+  u16* Y = reinterpret_cast<u16*>(y.data_ptr());
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i += 16) {
+      const __mmask16 k = lanes_left(e - i);
+      store_bf16(Y + i, k, gelu(load_bf16(k, X + i)));
+    }
+  });
+  return y;
+}
+
+torch::Tensor gelu_backward(torch::Tensor gy, torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_non_overlapping_and_dense(),
+              "x: a dense bf16 tensor");
+  gy = gy.to(torch::kBFloat16);
+  if (gy.strides() != x.strides()) gy = torch::empty_like(x).copy_(gy);
+  auto gx = torch::empty_like(x);
+  const u16* X = reinterpret_cast<const u16*>(x.data_ptr());
+  const u16* G = reinterpret_cast<const u16*>(gy.data_ptr());
+  u16* GX = reinterpret_cast<u16*>(gx.data_ptr());
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i += 16) {
+      const __mmask16 k = lanes_left(e - i);
+      store_bf16(GX + i, k, _mm512_mul_ps(load_bf16(k, G + i), gelu_grad(load_bf16(k, X + i))));
+    }
+  });
+  return gx;
+}
+
+// The filter gradient of a 3x3, padding-1 conv as chunked matrix products: models/fast.py's
+// im2col_filter_grad (which says why) with its im2col copy written here. PyTorch's copy
+// of that 6-d strided view ran at ~4 GB/s in a training step, 11% of a 32x32 step on the
+// AMX Xeon; here each row of the matrix is nine memcpys of one pixel's channels (zeros
+// past the border), with no padded copy of the input first, into one buffer that every
+// chunk reuses. The chunks' bf16 products add up in fp32, as the Python version's do, so
+// the two give the same numbers.
+torch::Tensor im2col_filter_grad(torch::Tensor grad, torch::Tensor x, int64_t chunk_bytes) {
+  auto cl = at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(cl),
+              "x: 4-d bf16, channels_last");
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(2) == x.size(2) &&
+              grad.size(3) == x.size(3), "grad: x's batch and map size");
+  grad = grad.to(torch::kBFloat16).contiguous(cl);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = grad.size(1);
+  const int64_t HW = H * W, K = 9 * C;
+  const int64_t step = std::max<int64_t>(1, chunk_bytes / (HW * K * 2));
+  auto cols = torch::empty({std::min(step, N) * HW, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto g2 = grad.permute({0, 2, 3, 1}).reshape({N * HW, O});  // a view: channels_last
+  auto total = torch::zeros({O, K}, x.options().dtype(torch::kFloat32));
+  auto prod = torch::empty({O, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const u16* X = reinterpret_cast<const u16*>(x.data_ptr());
+  u16* D = reinterpret_cast<u16*>(cols.data_ptr());
+  const u16* Pr = reinterpret_cast<const u16*>(prod.data_ptr());
+  float* T = total.data_ptr<float>();
+  for (int64_t i = 0; i < N; i += step) {
+    const int64_t rows = std::min(step, N - i) * HW;
+    at::parallel_for(0, rows, 16, [&](int64_t rb, int64_t re) {
+      for (int64_t r = rb; r < re; r++) {
+        const int64_t n = i + r / HW, y = (r / W) % H, xx = r % W;
+        u16* dst = D + r * K;
+        for (int64_t ky = 0; ky < 3; ky++)
+          for (int64_t kx = 0; kx < 3; kx++, dst += C) {
+            const int64_t sy = y + ky - 1, sx = xx + kx - 1;
+            if (sy < 0 || sy >= H || sx < 0 || sx >= W)
+              std::memset(dst, 0, C * sizeof(u16));
+            else
+              std::memcpy(dst, X + ((n * H + sy) * W + sx) * C, C * sizeof(u16));
+          }
+      }
+    });
+    at::mm_out(prod, g2.narrow(0, i * HW, rows).t(), cols.narrow(0, 0, rows));
+    at::parallel_for(0, O * K, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; j += 16) {
+        const __mmask16 k = lanes_left(e - j);
+        _mm512_mask_storeu_ps(T + j, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, T + j), load_bf16(k, Pr + j)));
+      }
+    });
+  }
+  return total;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("im2col_filter_grad", &im2col_filter_grad);
+  m.def("gelu_forward", &gelu_forward);
+  m.def("gelu_backward", &gelu_backward);
   m.def("pool_bn_gelu_forward", &pool_bn_gelu_forward);
   m.def("pool_bn_gelu_backward", &pool_bn_gelu_backward);
 }
