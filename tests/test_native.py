@@ -224,3 +224,23 @@ def test_fast_step_benchmark_compares_the_kernels_site_by_site_and_step_by_step(
              if line.split() and line.split()[0] in ("16", "12")}
     assert set(steps) == {"16", "12"} and all(len(v) == 5 for v in steps.values())
     assert all(float(v) > 0 for v in steps["16"])
+
+
+def test_the_kernels_gelu_constants_are_the_fit_scripts():
+    """native.cpp's rational GELU constants are what scripts/fit_gelu.py fits, and the fits
+    are as close as its comment says."""
+    import importlib.util
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fit_gelu", root / "scripts" / "fit_gelu.py")
+    fit_gelu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_gelu)
+    source = (root / "src" / "cifarcnn" / "native.cpp").read_text()
+    for name, f, num, den in fit_gelu.FITS:
+        err, p, q = fit_gelu.fit(f, num, den)
+        assert err < 2e-6
+        for part, want in (("P", p), ("Q", q)):
+            body = re.search(rf"{name}_{part}\[\] = \{{([^}}]*)\}}", source).group(1)
+            have = [float(v.strip().rstrip("f")) for v in body.split(",")]
+            assert have == pytest.approx(list(want), rel=1e-5, abs=1e-12)

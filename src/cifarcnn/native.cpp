@@ -1,8 +1,10 @@
 // Fused CPU kernels for the fast net's elementwise layers (see native.py for why).
 //
 // pool_bn_gelu: an optional 2x2 max-pool, then BatchNorm with batch statistics, then
-// the (erf) GELU, on bf16 tensors in channels_last layout, forward and backward; and the
-// GELU alone (gelu_forward, gelu_backward) for the layers with no BatchNorm before it.
+// the GELU (the erf form, by rational functions within 2e-6, below), on bf16 tensors in
+// channels_last layout, forward and backward; the GELU alone (gelu_forward,
+// gelu_backward) for the layer with no BatchNorm before it; and im2col_filter_grad, the
+// small maps' filter gradients as matrix products (at the end of this file).
 // Unfused, PyTorch runs these as five to seven passes over memory per direction, and its
 // max-pool writes an int64 index per output; here the forward is two passes (pool and
 // statistics, then normalise and GELU) and the backward two (the two per-channel sums,
@@ -68,15 +70,15 @@ inline __m512 normalized(__mmask16 k, const u16* p, const float* mean, const flo
 // odd function, z P(z^2) / Q(z^2), fitted over |z| <= 5.5 (scripts/fit_gelu.py; beyond it
 // the CDF is within 2e-8 of 0 or 1 and z is clamped there). Largest errors: 1.8e-6 for
 // Phi(z), the normal CDF, and 1.9e-6 for GELU'(z) = Phi(z) + z phi(z), far below bf16's
-// resolution (2^-8), and each a third of the arithmetic of an exp-based erf: on the AMX
-// Xeon that arithmetic was ~40% of these kernels' time (docs/fast-recipe.md, "A ninth
-// round"). The backward needs only GELU', so it never evaluates Phi or phi themselves.
-constexpr float CDF_P[] = {0.398951617f, 0.0301228737f, 0.00434365917f, 6.38704832e-05f};
-constexpr float CDF_Q[] = {1.0f, 0.242279571f, 0.0261316003f, 0.00151458006f, 4.07921288e-06f};
-constexpr float DGELU_P[] = {0.797872507f, -0.0170461938f, 0.0127480101f, 0.000312132986f,
-                             2.29212996e-05f};
-constexpr float DGELU_Q[] = {1.0f, 0.311866616f, 0.0451305011f, 0.00377601693f,
-                             0.000254112223f, 2.70646974e-06f};
+// resolution (2^-8), and each about half the arithmetic of an exp-based erf, which took
+// a fifth to a half of these kernels' time on the AMX Xeon (docs/fast-recipe.md, "A
+// ninth round"). The backward needs only GELU', so it never evaluates Phi or phi.
+constexpr float CDF_P[] = {0.398951617f, 0.030122883f, 0.00434366143f, 6.38706071e-05f};
+constexpr float CDF_Q[] = {1.0f, 0.242279595f, 0.0261316094f, 0.00151458156f, 4.07922829e-06f};
+constexpr float DGELU_P[] = {0.797872507f, -0.0170460811f, 0.0127480048f, 0.000312135033f,
+                             2.29213224e-05f};
+constexpr float DGELU_Q[] = {1.0f, 0.311866756f, 0.0451305433f, 0.00377602129f,
+                             0.000254113018f, 2.70646927e-06f};
 constexpr float GELU_CLAMP = 5.5f;
 
 template <int NP, int NQ>
@@ -351,7 +353,7 @@ torch::Tensor gelu_backward(torch::Tensor gy, torch::Tensor x) {
 
 // The filter gradient of a 3x3, padding-1 conv as chunked matrix products: models/fast.py's
 // im2col_filter_grad (which says why) with its im2col copy written here. PyTorch's copy
-// of that 6-d strided view ran at ~4 GB/s in a training step, 11% of a 32x32 step on the
+// of that 6-d strided view ran at ~4 GB/s in a training step, 5% of a 32x32 step on the
 // AMX Xeon; here each row of the matrix is nine memcpys of one pixel's channels (zeros
 // past the border), with no padded copy of the input first, into one buffer that every
 // chunk reuses. The chunks' bf16 products add up in fp32, as the Python version's do, so

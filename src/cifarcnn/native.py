@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the fast net's max-pool, BatchNorm and GELU (native.cpp).
+"""Hand-written CPU kernels for the fast net (native.cpp): its max-pool, BatchNorm and
+GELU, fused, and the im2col copy of its small maps' filter gradients.
 
 Once the convolutions ran on AMX (README, "Another CPU"), the layers between them
 took over a quarter of a training step: max-pool, BatchNorm and GELU are each a
@@ -8,12 +9,14 @@ pass or two over memory in each direction, and PyTorch's max-pool also writes an
 `pool_bn_gelu` does a ConvGroup's "max-pool, BatchNorm, GELU" (or "BatchNorm,
 GELU") in two passes forward and two backward, in fp32 arithmetic on bf16
 channels_last tensors, and `gelu` the whitening layer's GELU alone; their GELU is
-a rational function within 2e-6 of the exact (erf) one, a third of the
-arithmetic of an exp-based erf. They are used in training only, on x86 CPUs with AVX-512 (the
-machines this project runs on), for bf16 channels_last inputs; everything else
-takes PyTorch's own layers. The extension is compiled on first use (30-40 s;
-torch.utils.cpp_extension caches it under ~/.cache/torch_extensions, so later
-runs load it in a second) and CIFARCNN_NO_NATIVE=1 turns it off.
+a rational function within 2e-6 of the exact (erf) one, about half the
+arithmetic of an exp-based erf. `im2col_filter_grad` builds models/fast.py's
+im2col matrices faster than PyTorch's strided copy. They are used in training
+only, on x86 CPUs with AVX-512 (the machines this project runs on), for bf16
+channels_last inputs; everything else takes PyTorch's own layers. The
+extension is compiled on first use (30-40 s; torch.utils.cpp_extension caches
+it under ~/.cache/torch_extensions, so later runs load it in a second) and
+CIFARCNN_NO_NATIVE=1 turns it off.
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ class Gelu(torch.autograd.Function):
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """F.gelu(x), by the kernel for bf16 CPU tensors (PyTorch's GELU otherwise)."""
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and not torch.jit.is_scripting() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and extension() is not None):
         return Gelu.apply(x)

@@ -90,7 +90,7 @@ def im2col_filter_grad(grad: torch.Tensor, x: torch.Tensor,
     this is 1.1-5 times faster there; at 15x15 and above oneDNN's is faster.
     """
     n, c, h, w = x.shape
-    if native.usable_for_im2col(grad, x):  # the same numbers, its copy ~4x faster
+    if native.usable_for_im2col(grad, x):  # the same numbers, 9-38% faster (native.py)
         return native.im2col_filter_grad(grad, x, chunk_bytes).view(-1, 3, 3, c).permute(
             0, 3, 1, 2)
     per_image = h * w * 9 * c * x.element_size()
