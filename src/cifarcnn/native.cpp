@@ -1,4 +1,5 @@
-// Fused CPU kernels for the fast net's elementwise layers (see native.py for why).
+// CPU kernels for the fast net: its elementwise layers and an im2col copy (native.py says
+// why).
 //
 // pool_bn_gelu: an optional 2x2 max-pool, then BatchNorm with batch statistics, then
 // the GELU (the erf form, by rational functions within 2e-6, below), on bf16 tensors in
@@ -368,10 +369,11 @@ torch::Tensor im2col_filter_grad(torch::Tensor grad, torch::Tensor x, int64_t ch
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = grad.size(1);
   const int64_t HW = H * W, K = 9 * C;
   const int64_t step = std::max<int64_t>(1, chunk_bytes / (HW * K * 2));
-  auto cols = torch::empty({std::min(step, N) * HW, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto dense = x.options().memory_format(at::MemoryFormat::Contiguous);
+  auto cols = torch::empty({std::min(step, N) * HW, K}, dense);
   auto g2 = grad.permute({0, 2, 3, 1}).reshape({N * HW, O});  // a view: channels_last
   auto total = torch::zeros({O, K}, x.options().dtype(torch::kFloat32));
-  auto prod = torch::empty({O, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto prod = torch::empty({O, K}, dense);
   const u16* X = reinterpret_cast<const u16*>(x.data_ptr());
   u16* D = reinterpret_cast<u16*>(cols.data_ptr());
   const u16* Pr = reinterpret_cast<const u16*>(prod.data_ptr());
@@ -396,7 +398,8 @@ torch::Tensor im2col_filter_grad(torch::Tensor grad, torch::Tensor x, int64_t ch
     at::parallel_for(0, O * K, 4096, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; j += 16) {
         const __mmask16 k = lanes_left(e - j);
-        _mm512_mask_storeu_ps(T + j, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, T + j), load_bf16(k, Pr + j)));
+        const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(k, T + j), load_bf16(k, Pr + j));
+        _mm512_mask_storeu_ps(T + j, k, sum);
       }
     });
   }
