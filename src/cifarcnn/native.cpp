@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -406,7 +407,16 @@ torch::Tensor im2col_filter_grad(torch::Tensor grad, torch::Tensor x, int64_t ch
   return total;
 }
 
+// How many threads one at::parallel_for here runs on: 1 where this file was compiled
+// without OpenMP, since ATen's header then runs the loop in the calling thread (tested).
+int64_t parallel_threads() {
+  std::atomic<int64_t> calls{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { calls++; });
+  return calls;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_threads", &parallel_threads);
   m.def("im2col_filter_grad", &im2col_filter_grad);
   m.def("gelu_forward", &gelu_forward);
   m.def("gelu_backward", &gelu_backward);

@@ -58,9 +58,11 @@ def cpu_supported(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 def compile_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """g++ flags: the required AVX-512 parts, plus AVX512-BF16 where the CPU has it (one
-    instruction rounds 16 floats to bf16, in place of eight: ~10% off the kernels)."""
+    instruction rounds 16 floats to bf16, in place of eight: ~10% off the kernels), and
+    OpenMP: without it ATen's header runs every `at::parallel_for` in the calling
+    thread, so the kernels used one core of the two (the link flag is in `extension`)."""
     extra = ["-mavx512bf16"] if "avx512_bf16" in cpu_flags(cpuinfo) else []
-    return ["-O3", *(f"-m{f}" for f in FLAGS), "-mfma", *extra]
+    return ["-O3", *(f"-m{f}" for f in FLAGS), "-mfma", *extra, "-fopenmp"]
 
 
 def extension() -> Any:
@@ -74,8 +76,9 @@ def extension() -> Any:
     try:
         from torch.utils.cpp_extension import load
 
+        # -fopenmp links libgomp.so.1, the soname of the copy torch loads already: one runtime
         _ext = load(name="cifarcnn_native", sources=[str(Path(__file__).with_name("native.cpp"))],
-                    extra_cflags=compile_flags(), verbose=False)
+                    extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # a missing compiler or headers: fall back, say so once
         warnings.warn(f"cifarcnn: the fused CPU kernels did not build ({type(err).__name__}: "
                       f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}); "
