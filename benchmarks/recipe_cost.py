@@ -11,7 +11,8 @@ defaults), lists the kinds of step its epochs take (input size, batch, and
 how many parameter groups have stopped training by then, e.g. the fast
 model's whitening bias after epoch 3, which spares the first conv's input
 gradient) with how many steps of each, then times one step of every kind,
-round robin, so that each round prices every recipe in the same minute.
+round robin, so that each round prices every recipe in the same minute
+(recipes that take the same step share its timings).
 Printed per recipe: its steps, the estimated training seconds (the median over
 the rounds, and their range) and the median (and range) over the rounds of its
 ratio to the first recipe. Steps only: the per-epoch augmentation, selection
@@ -126,12 +127,24 @@ def frozen_model(cfg: TrainConfig, stopped: int
     return model, opt
 
 
+def step_key(r: Recipe, kind: tuple) -> tuple:
+    """What one step's time depends on: recipes whose steps agree on it share its timings."""
+    c = r.cfg
+    return (c.model, repr(sorted(c.model_kwargs.items())), kind, r.plain, c.precision,
+            c.channels_last, c.device, c.optimizer, c.label_smoothing)
+
+
 def timed_steps(recipes: list[Recipe], rounds: int, log: Callable[[str], None] = print
                 ) -> dict[tuple[int, tuple], list[float]]:
-    """Seconds per step of each (recipe, kind), one of each per round, after a warm-up."""
-    steps = {}
-    for i, r in enumerate(recipes):
+    """Seconds per step of each (recipe, kind), one of each distinct step per round, after a
+    warm-up; recipes that take the same step (the same net, input and frozen groups) share
+    its timings, so adding a recipe adds only its new kinds of step to each round."""
+    steps: dict[tuple, tuple] = {}
+    for r in recipes:
         for kind in r.counts:
+            key = step_key(r, kind)
+            if key in steps:
+                continue
             size, batch, stopped = kind
             model, opt = frozen_model(r.cfg, stopped)
             x = torch.randn(batch, 3, size, size, device=r.cfg.device).to(
@@ -139,8 +152,8 @@ def timed_steps(recipes: list[Recipe], rounds: int, log: Callable[[str], None] =
             if r.cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, 10, (batch,), device=r.cfg.device)
-            steps[i, kind] = (r, model, opt, x, y)
-    times: dict[tuple[int, tuple], list[float]] = {k: [] for k in steps}
+            steps[key] = (r, model, opt, x, y)
+    shared: dict[tuple, list[float]] = {k: [] for k in steps}
     for n in range(rounds + 1):  # round 0 warms up
         for key, (r, model, opt, x, y) in steps.items():
             with native.turned_off() if r.plain else contextlib.nullcontext():
@@ -153,10 +166,11 @@ def timed_steps(recipes: list[Recipe], rounds: int, log: Callable[[str], None] =
                 if r.cfg.device == "cuda":
                     torch.cuda.synchronize()
                 if n:
-                    times[key].append(time.perf_counter() - t0)
+                    shared[key].append(time.perf_counter() - t0)
         if n:
             log(f"round {n}/{rounds} done")
-    return times
+    return {(i, kind): shared[step_key(r, kind)]
+            for i, r in enumerate(recipes) for kind in r.counts}
 
 
 def main() -> int:

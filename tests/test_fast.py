@@ -711,6 +711,15 @@ def test_recipe_cost_benchmark_counts_the_steps_training_takes(tmp_path):
     assert not model.whiten.bias.requires_grad
     assert all(p.requires_grad for n, p in model.named_parameters()
                if n != "whiten.bias" and n.endswith("conv1.weight"))
+    # recipes that take the same step share its timings; PyTorch's layers are another step
+    tiny = "--model-arg widths=[8,16,16] --batch-size 500"
+    a, b, c = (recipe_cost.parse_recipe(f"{n}={tiny} {extra}", "cpu") for n, extra in
+               (("a", "--epochs 4"), ("b", "--epochs 6"), ("c", "--epochs 4 --pytorch-layers")))
+    logged = []
+    times = recipe_cost.timed_steps([a, b, c], rounds=1, log=logged.append)
+    assert logged == ["round 1/1 done"] and set(times) == {(i, k) for i in range(3)
+                                                           for k in a.counts}
+    assert all(times[0, k] is times[1, k] and times[0, k] is not times[2, k] for k in a.counts)
 
 
 def test_recipe_cost_benchmark_prices_recipes_in_the_same_rounds():
