@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -19,6 +20,54 @@ def _py_batch(x: np.ndarray, y: np.ndarray, label: str) -> bytes:
          b"data": x.transpose(0, 3, 1, 2).reshape(len(x), 3072).copy(),
          b"filenames": [f"img_{i}.png".encode() for i in range(len(x))]}
     return pickle.dumps(d, protocol=2)
+
+
+def py2_pickle(obj) -> bytes:
+    """`obj` as Python 2's cPickle (protocol 2) wrote the official batches: byte strings
+    as BINSTRING, arrays through numpy 1's `numpy.core.multiarray._reconstruct`, with
+    their bytes as one string. Dicts, lists, tuples, bytes, ints, bools, None and uint8
+    arrays only."""
+    out = bytearray(b"\x80\x02")
+
+    def put(v) -> None:
+        nonlocal out
+        if isinstance(v, bytes):
+            out += (b"U" + bytes([len(v)]) if len(v) < 256 else
+                    b"T" + struct.pack("<I", len(v))) + v
+        elif v is None or isinstance(v, bool):
+            out += {None: b"N", True: b"\x88", False: b"\x89"}[v]
+        elif isinstance(v, int):
+            out += b"K" + bytes([v]) if 0 <= v < 256 else b"J" + struct.pack("<i", v)
+        elif isinstance(v, (list, tuple)):
+            out += b"](" if isinstance(v, list) else b"("
+            for e in v:
+                put(e)
+            out += b"e" if isinstance(v, list) else b"t"
+        elif isinstance(v, dict):
+            out += b"}("
+            for k, e in v.items():
+                put(k)
+                put(e)
+            out += b"u"
+        elif isinstance(v, np.ndarray) and v.dtype == np.uint8:
+            out += b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+            put((0,))
+            out += b"U\x01b\x87R("  # _reconstruct(ndarray, (0,), "b"), then its state
+            put(1)
+            put(tuple(v.shape))
+            out += b"cnumpy\ndtype\n"
+            put((b"u1", 0, 1))
+            out += b"R"
+            put((3, b"|", None, None, None, -1, -1, 0))
+            out += b"b"  # the dtype's state
+            put(False)
+            put(np.ascontiguousarray(v).tobytes())
+            out += b"tb"  # the array's state
+        else:
+            raise TypeError(type(v))
+
+    put(obj)
+    return bytes(out + b".")
 
 
 def _bin_batch(x: np.ndarray, y: np.ndarray) -> bytes:
@@ -43,12 +92,15 @@ def _tar(path: Path, files: dict[str, bytes]) -> Path:
     return path
 
 
-def python_archive(path: Path, train, test) -> Path:
+def python_archive(path: Path, train, test, python2: bool = False) -> Path:
+    """The python-pickle archive; `python2`: its pickles as Python 2 wrote the official ones."""
     files = {f"cifar-10-batches-py/data_batch_{i + 1}": _py_batch(x, y, f"batch {i + 1}")
              for i, (x, y) in enumerate(train)}
     files["cifar-10-batches-py/test_batch"] = _py_batch(*test, "test")
     files["cifar-10-batches-py/batches.meta"] = pickle.dumps(
         {b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3072}, protocol=2)
+    if python2:
+        files = {k: py2_pickle(pickle.loads(v, encoding="bytes")) for k, v in files.items()}
     return _tar(path, files)
 
 

@@ -22,9 +22,12 @@ def _assert_same(data, train, test):
     assert data.classes == list(datasets.CLASSES)
 
 
-def test_python_archive_reads_back_exactly(tmp_path):
+@pytest.mark.parametrize("python2", [False, True], ids=["python3-pickles", "python2-pickles"])
+def test_python_archive_reads_back_exactly(tmp_path, python2):
+    """The official archive's pickles were written by Python 2 (numpy 1's module path,
+    byte strings as BINSTRING); the reader takes those and Python 3's alike."""
     train, test = make_split()
-    arc = python_archive(tmp_path / "cifar-10-python.tar.gz", train, test)
+    arc = python_archive(tmp_path / "cifar-10-python.tar.gz", train, test, python2=python2)
     _assert_same(read_source(arc), train, test)
 
 

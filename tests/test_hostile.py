@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import struct
+import subprocess
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from formats import image_folder, make_split, png_bytes, python_archive
+from formats import _tar, image_folder, make_split, png_bytes, py2_pickle, python_archive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,6 +115,72 @@ def test_fuzz_decode_image_mutated(kind, edits, cut):
 def test_fuzz_decode_image_random_bytes(data):
     with contextlib.suppress(CifarError):
         decode_image(data, "random.png")
+
+
+def _python_archive_with(path: Path, edit) -> tuple[Path, list]:
+    """A python-pickle archive (Python 2's pickles) whose first batch went through `edit`."""
+    train, test = make_split(n_per_batch=2)
+    python_archive(path, train, test, python2=True)
+    with tarfile.open(path) as tf:
+        files = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+    first = "cifar-10-batches-py/data_batch_1"
+    files[first] = edit(files[first])
+    return _tar(path, files), train
+
+
+def test_pickle_memo_index_is_refused_before_allocating(tmp_path):
+    """A LONG_BINPUT opcode's memo index makes CPython's unpickler grow its memo table to
+    that size: one flipped byte in a fuzzed archive asked for 21 GB. Refused up front."""
+    def huge_memo(data: bytes) -> bytes:
+        assert data[2:3] == b"}"  # EMPTY_DICT, then memoised as entry 2**31 - 1
+        return data[:3] + b"r" + struct.pack("<I", 2**31 - 1) + data[3:]
+
+    arc, _ = _python_archive_with(tmp_path / "a.tar.gz", huge_memo)
+    with pytest.raises(CifarError, match=r"data_batch_1: not a CIFAR-10 python batch "
+                                         r"\(memo index 2147483647"):
+        read_source(arc)
+
+
+def test_pickle_dtype_state_cannot_crash_the_process(tmp_path):
+    """numpy's own dtype.__setstate__ segfaulted (numpy 2.4) on a fuzzed archive's dtype
+    state; the reader never hands numpy pickled state, so the batch reads (its dtype is
+    still plain uint8). In a child process, so that a crash fails this test alone."""
+    good = (3, b"|", None, None, None, -1, -1, 0)
+    bad = py2_pickle(good)[2:-1].replace(b"NNN", b"MwN")  # 20087 where the subarray was
+
+    def mutate(data: bytes) -> bytes:
+        assert data.count(py2_pickle(good)[2:-1]) == 1
+        return data.replace(py2_pickle(good)[2:-1], bad)
+
+    arc, train = _python_archive_with(tmp_path / "a.tar.gz", mutate)
+    code = ("import sys, numpy as np\nfrom pathlib import Path\n"
+            "from cifarcnn.datasets import read_source\n"
+            "d = read_source(Path(sys.argv[1]))\nnp.save(sys.argv[2], d.train_images)\n")
+    out = tmp_path / "x.npy"
+    r = subprocess.run([sys.executable, "-c", code, str(arc), str(out)], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(out), np.concatenate([b[0] for b in train]))
+
+
+@pytest.mark.parametrize("size", [2**70, 2**50], ids=["past-an-index", "a-petabyte"])
+def test_tar_header_claiming_a_huge_size_is_refused(tmp_path, size):
+    """A pax header whose size field (base-256) claims more than an index can hold, or a
+    petabyte, made tarfile raise OverflowError or MemoryError (found by a longer fuzz)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("x" * 120 + "/train/cat/a.png")  # long: a pax header first
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    raw = bytearray(buf.getvalue())
+    assert raw[156:157] == b"x"  # the first block is the pax header
+    raw[124:136] = b"\x80" + size.to_bytes(11, "big")
+    raw[148:156] = b" " * 8
+    raw[148:156] = b"%06o\x00 " % sum(raw[:512])
+    path = tmp_path / "huge.tar"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CifarError, match=r"huge\.tar: cannot read the archive"):
+        read_source(path)
 
 
 def _archive_seeds(root: Path) -> dict[str, bytes]:

@@ -27,7 +27,8 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 # fuzzing): a bad header, a bad CRC, a corrupt deflate stream, an unsupported or encrypted
 # member, a short read.
 READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError,
-               ValueError, struct.error, NotImplementedError, RuntimeError)
+               ValueError, struct.error, NotImplementedError, RuntimeError,
+               OverflowError, MemoryError)  # a pax header's size of 2**70 or 2**50 bytes
 
 
 def is_archive(path: Path) -> bool:

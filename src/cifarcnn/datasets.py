@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import archives
+from . import archives, pickles
 from .errors import CifarError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -101,24 +101,9 @@ PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueErr
                  AttributeError, IndexError, LookupError, OverflowError)
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """The official batches are pickles; this unpickler builds numpy arrays and nothing else."""
-
-    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"),
-                         ("numpy._core.multiarray", "_reconstruct"),
-                         ("numpy", "ndarray"), ("numpy", "dtype"),
-                         ("_codecs", "encode")})  # how Python 3 pickles bytes
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch "
-                                     "holds only arrays, lists and strings")
-
-
 def _read_py_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     try:
-        d = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+        d = pickles.loads(data)
         x = np.asarray(d[b"data"], dtype=np.uint8)
         y = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
     except PICKLE_ERRORS as e:
@@ -131,7 +116,7 @@ def _read_py_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_py_meta(name: str, data: bytes) -> list[str]:
     try:
-        meta = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+        meta = pickles.loads(data)
         names = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
     except PICKLE_ERRORS as e:
         raise CifarError(f"{name}: not a CIFAR-10 batches.meta ({e})") from None
