@@ -142,6 +142,14 @@ def test_zip_with_dotdot_is_refused(tmp_path):
         read_source(z)
 
 
+def test_zip_member_with_empty_name_is_refused(tmp_path):
+    z = tmp_path / "bad.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr(zipfile.ZipInfo(""), b"x")
+    with pytest.raises(CifarError, match=r"bad\.zip: a member has an empty name"):
+        read_source(z)
+
+
 def test_image_folder_dir_tar_and_zip_agree(tmp_path):
     root = image_folder(tmp_path / "imgs")
     a = read_source(root)

@@ -37,6 +37,8 @@ def is_archive(path: Path) -> bool:
 
 def _check_name(archive: Path, name: str) -> str:
     """Return the member name normalised, or refuse it if it could escape."""
+    if not name:  # zipfile's is_dir() itself fails on one (found by a longer fuzz)
+        raise CifarError(f"{archive}: a member has an empty name; refusing the archive")
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise CifarError(f"{archive}: member {name!r} has an absolute path; refusing the archive")
