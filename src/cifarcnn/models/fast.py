@@ -104,7 +104,7 @@ def im2col_filter_grad(grad: torch.Tensor, x: torch.Tensor,
         cols = padded.as_strided((len(xs), h, w, 3, 3, c),
                                  (sn, sh, sw, sh, sw, sc)).reshape(-1, 9 * c)
         g = gs.permute(0, 2, 3, 1).reshape(-1, gs.shape[1])  # (positions, out channels)
-        total += g.t() @ cols
+        total += g.t().contiguous() @ cols  # contiguous: the product runs faster (native.cpp)
     return total.view(-1, 3, 3, c).permute(0, 3, 1, 2)
 
 
