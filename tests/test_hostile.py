@@ -23,9 +23,11 @@ from formats import _tar, image_folder, make_split, png_bytes, py2_pickle, pytho
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cifarcnn
 from cifarcnn.cli import main
 from cifarcnn.datasets import MAX_PIXELS, decode_image, read_source
 from cifarcnn.errors import CifarError
+from cifarcnn.weights import FIELDS, REPO_WEIGHTS
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -231,3 +233,95 @@ def test_fuzz_archives_mutated(archive_seeds, tmp_path_factory):
 
     check()
     assert counts["refused"] > 100  # the fuzzer really produced broken archives
+
+
+# ------------------------------------------------------------------ weights' metadata
+
+
+def _weights_with(path: Path, shipped: str, edits: dict[str, str]) -> Path:
+    """A copy of shipped weights whose metadata fields are replaced by `edits` (JSON text)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = REPO_WEIGHTS / f"{shipped}.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = {**f.metadata(), **edits}
+    save_file(load_file(str(src)), str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("model_kwargs", "null"), ("precision", '{"a": 1}'), ("eval_batch_size", "0"),
+    ("eval_batch_size", '"bf16"'), ("classes", "true"), ("classes", '["cat", "cat"]'),
+    ("tta", '"mirror"'), ("std", "[0.2, 0, 0.2]"), ("mean", '"x"'), ("channels_last", "1"),
+    ("val_accuracy", '"high"'), ("model", "[1, 2]")])
+def test_weights_with_a_bad_metadata_field_are_refused_by_name(tmp_path, field, value):
+    path = _weights_with(tmp_path / "w.safetensors", "paper-cnn", {field: value})
+    with pytest.raises(CifarError, match=rf"w\.safetensors: metadata field '{field}' is "):
+        cifarcnn.load(path)
+
+
+@pytest.mark.parametrize("kwargs", ['{"widths": [1000000, 1000000, 1000000]}',
+                                    '{"num_classes": -3}', '{"num_classes": 1000000000}'])
+def test_weights_whose_model_arguments_do_not_fit_allocate_nothing(tmp_path, kwargs):
+    """Model arguments are checked against the file's tensor shapes on the meta device
+    first: a width of a million would otherwise ask for terabytes, and a negative class
+    count raised a RuntimeError."""
+    path = _weights_with(tmp_path / "w.safetensors", "fast", {"model_kwargs": kwargs})
+    with pytest.raises(CifarError, match=r"w\.safetensors: tensors do not fit model fast|"
+                                         r"model fast: bad model arguments"):
+        cifarcnn.load(path)
+
+
+def test_cli_bad_weights_metadata_is_one_line(tmp_path, capsys):
+    path = _weights_with(tmp_path / "w.safetensors", "paper-cnn", {"tta": '"mirror"'})
+    img = tmp_path / "a.png"
+    img.write_bytes(_valid_png())
+    assert main(["predict", "--weights", str(path), str(img)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metadata field 'tta'" in err[0] and "Traceback" not in err[0]
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40)
+                     | st.floats(allow_nan=True) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+
+
+def test_fuzz_weights_metadata(tmp_path_factory):
+    """Any JSON in the fields inference reads: the weights load and predict, or fail with
+    CifarError (a hand fuzz of these fields found twenty other exceptions before)."""
+    import json
+
+    folder = tmp_path_factory.mktemp("wfuzz")
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    counts = {"ok": 0, "refused": 0}
+
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(edits=st.dictionaries(st.sampled_from(sorted(FIELDS)), _json, min_size=1, max_size=3))
+    def check(edits):
+        path = _weights_with(folder / "w.safetensors", "paper-cnn",
+                             {k: json.dumps(v) for k, v in edits.items()})
+        try:
+            cifarcnn.load(path).predict(images)
+        except CifarError:
+            counts["refused"] += 1
+        else:
+            counts["ok"] += 1
+
+    check()
+    assert counts["refused"] > 50
+
+
+@pytest.mark.parametrize("text", ['{"classes": true}', '{"tta": "flip"}', "{not json", "[1]"])
+def test_export_with_bad_metadata_is_refused(tmp_path, text):
+    """An export's metadata gets the same checks (a TorchScript file's extra file here)."""
+    import torch
+
+    from cifarcnn.export import META_KEY, load_exported
+
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path), _extra_files={META_KEY: text})
+    with pytest.raises(CifarError, match=r"m\.pt: (damaged|metadata)"):
+        load_exported(path)

@@ -26,6 +26,7 @@ from torch import nn
 from .datasets import MEAN, STD
 from .errors import CifarError
 from .inference import TTA_VIEWS, Classifier, as_batch, read_images
+from .weights import check_meta
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 META_KEY = "cifarcnn.json"  # TorchScript extra file / ONNX metadata key
@@ -194,7 +195,7 @@ def load_exported(path: Path) -> Exported:
         if META_KEY not in props:
             raise CifarError(f"{path}: ONNX file without cifarcnn metadata; export it with "
                              "`cifarcnn export`")
-        return Exported(path, json.loads(props[META_KEY]),
+        return Exported(path, _meta(path, props[META_KEY]),
                         lambda x: session.run(None, {"images": x})[0])
     files = {META_KEY: ""}
     try:
@@ -210,4 +211,13 @@ def load_exported(path: Path) -> Exported:
         with torch.no_grad():
             return module(torch.from_numpy(x)).numpy()
 
-    return Exported(path, json.loads(files[META_KEY]), run)
+    return Exported(path, _meta(path, files[META_KEY]), run)
+
+
+def _meta(path: Path, text: str) -> dict[str, Any]:
+    """An export's metadata, checked as a weights file's is (weights.check_meta)."""
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CifarError(f"{path}: damaged cifarcnn metadata ({e})") from None
+    return check_meta(path, meta, required=("classes",))

@@ -7,12 +7,15 @@ header, and the model is rebuilt from the registry by name.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from .config import TTA_MODES
 from .errors import CifarError
 from .models import build_model
 
@@ -68,19 +71,82 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CifarError(f"{path}: safetensors file without cifarcnn metadata; "
                          "it was not written by cifarcnn")
     try:
-        return {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
     except json.JSONDecodeError as e:
         raise CifarError(f"{path}: damaged metadata ({e})") from None
+    return check_meta(path, meta, required=("model",))
+
+
+def _numbers(v: Any, positive: bool = False) -> bool:
+    return (isinstance(v, list) and len(v) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    and (x > 0 or not positive) for x in v))
+
+
+def _accuracy(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)
+
+
+# The metadata fields that loading, inference and export read, and what each must be.
+FIELDS: dict[str, tuple[Any, str]] = {
+    "model": (lambda v: isinstance(v, str), "a model name"),
+    "model_kwargs": (lambda v: isinstance(v, dict), "a JSON object of model arguments"),
+    "classes": (lambda v: isinstance(v, list) and 0 < len(v) <= 1 << 16
+                and all(isinstance(c, str) for c in v) and len(set(v)) == len(v),
+                "a list of distinct class names"),
+    "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+    "tta": (lambda v: v in TTA_MODES, "one of " + ", ".join(TTA_MODES)),
+    "eval_batch_size": (lambda v: type(v) is int and 0 < v <= 1 << 20,
+                        "a whole number of images from 1 to 1,048,576"),
+    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "mean": (_numbers, "three numbers"),
+    "std": (lambda v: _numbers(v, positive=True), "three positive numbers"),
+    **{k: (_accuracy, "an accuracy from 0 to 1")
+       for k in ("val_accuracy", "val_accuracy_no_tta", "test_accuracy")},
+}
+
+
+def check_meta(path: Path, meta: Any, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`meta` with every field in FIELDS checked, so that a damaged or hand-edited file
+    fails here with one line naming the field, not as a TypeError deep inside inference
+    (a fuzz of these fields found twenty such ways). Other fields are informational."""
+    if not isinstance(meta, dict):
+        raise CifarError(f"{path}: damaged metadata (not a JSON object)")
+    for key in required:
+        if key not in meta:
+            raise CifarError(f"{path}: metadata has no {key!r} field; the file is damaged")
+    for key, (ok, want) in FIELDS.items():
+        if key in meta and not ok(meta[key]):
+            raise CifarError(f"{path}: metadata field {key!r} is {json.dumps(meta[key])[:80]}, "
+                             f"not {want}; the file is damaged or was edited by hand")
+    return meta
 
 
 def load_weights(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model named in the metadata and load its tensors."""
+    """Rebuild the model named in the metadata and load its tensors.
+
+    The model is first built on the meta device (shapes, no memory) and its tensors'
+    shapes compared with the file's, so arguments in the metadata can never make it
+    allocate more than the file holds (a hand-edited width of a million would ask for
+    terabytes)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     meta = read_meta(path)
-    if "model" not in meta:
-        raise CifarError(f"{path}: metadata names no model")
-    model = build_model(meta["model"], **meta.get("model_kwargs", {}))
+    kwargs = meta.get("model_kwargs", {})
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(meta["model"], **kwargs)
+    except RuntimeError as e:  # e.g. a negative size
+        raise CifarError(f"model {meta['model']}: bad model arguments {kwargs} ({e})") from None
+    with safe_open(str(path), "pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if have != want:
+        diff = sorted(set(have.items()) ^ set(want.items()))[:3]
+        raise CifarError(f"{path}: tensors do not fit model {meta['model']} with arguments "
+                         f"{kwargs} (first differences, name and shape: {diff})")
+    model = build_model(meta["model"], **kwargs)
     try:
         state = load_file(str(path), device=device)
         model.load_state_dict(state)
