@@ -287,6 +287,32 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
         resume(tmp_path, quiet=True)
 
 
+@pytest.mark.parametrize(("name", "text", "says"), [
+    ("config.json", "{", "config.json: cannot read it"),
+    ("config.json", "[]", "config.json: not a JSON object"),
+    ("config.json", '{"model": "paper-cnn", "epochs": "abc"}', "saved config's 'epochs' is 'abc'"),
+    ("config.json", '{"model": 5}', "saved config's 'model' is 5"),
+    ("config.json", '{"model_kwargs": [1]}', "saved config's 'model_kwargs' is [1]"),
+    ("config.json", '{"lr": true}', "saved config's 'lr' is True"),
+    ("config.json", '{"lr": "fast"}', "saved config's 'lr' is 'fast'"),
+    ("summary.json", "{", "summary.json: cannot read it"),
+    ("summary.json", "[1]", "summary.json: not a JSON object")])
+def test_resume_of_a_damaged_run_folder_is_one_line(tmp_path, capsys, name, text, says):
+    """Each of these raised a JSONDecodeError, TypeError, AttributeError or KeyError."""
+    from cifarcnn.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": "paper-cnn", "epochs": 1}')
+    (run / "metrics.jsonl").write_text("")
+    (run / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["train", "--resume", str(run), "--data", str(tmp_path / "none")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "damaged" in err[0], err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing changed
+
+
 def test_deterministic_runs_repeat_exactly(tmp_path):
     for name in ("a", "b"):
         train(TrainConfig(epochs=2, batch_size=32, seed=7, deterministic=True,

@@ -169,6 +169,28 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_saved(cls, saved: Any, where: str) -> TrainConfig:
+        """A config from a run's config.json or checkpoint, each field's JSON type checked
+        against its annotation (a damaged or edited file would otherwise fail later, as
+        a TypeError deep in training); fields this version does not know are left out."""
+        if not isinstance(saved, dict):
+            raise CifarError(f"{where}: the saved config is not a JSON object; the run "
+                             "folder is damaged")
+        kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None),
+                 "dict[str, Any]": dict}
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in saved:
+                continue
+            v = saved[f.name]
+            allowed = tuple(kinds[t] for t in str(f.type).split(" | "))
+            if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+                raise CifarError(f"{where}: the saved config's {f.name!r} is {v!r}, not "
+                                 f"{f.type}; the run folder is damaged or was edited")
+            values[f.name] = v
+        return cls(**values)
+
 
 def resolve_device(name: str) -> str:
     if name not in DEVICES:

@@ -9,7 +9,6 @@ loop never waits on the host. Validation uses the same `evaluate_arrays` as
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -195,6 +194,17 @@ def prepare_run_dir(out: str | None, model: str) -> Path:
     return run
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A run's JSON file as a dict, or one line saying that it is damaged."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CifarError(f"{path}: cannot read it ({e}); the run folder is damaged") from None
+    if not isinstance(obj, dict):
+        raise CifarError(f"{path}: not a JSON object; the run folder is damaged")
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -251,15 +261,19 @@ def resume(run_dir: str | os.PathLike, data_path: str | None = None,
         raise CifarError(f"--resume {run}: not a run directory (no config.json); give the "
                          "folder a `cifarcnn train` run wrote")
     if (run / "summary.json").is_file():
-        summary = json.loads((run / "summary.json").read_text())
+        summary = read_json(run / "summary.json")
+        acc = summary.get("val_accuracy")
         if not quiet:
-            print(f"{run}: already finished (val accuracy {summary['val_accuracy']:.2%}); "
-                  "nothing to do", flush=True)
+            said = f" (val accuracy {acc:.2%})" if isinstance(acc, (int, float)) else ""
+            print(f"{run}: already finished{said}; nothing to do", flush=True)
         return summary
     ckpt = checkpoint.load(run / checkpoint.LAST) if (run / checkpoint.LAST).is_file() else None
-    saved = ckpt["config"] if ckpt else json.loads((run / "config.json").read_text())
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    if ckpt:
+        cfg = TrainConfig.from_saved(ckpt.get("config"), str(run / checkpoint.LAST))
+        saved = ckpt["config"]
+    else:
+        saved = read_json(run / "config.json")
+        cfg = TrainConfig.from_saved(saved, str(run / "config.json"))
     for k, v in DEFAULTS.items():
         if k not in saved:  # recorded before the setting existed: the run trained without it
             setattr(cfg, k, v)
