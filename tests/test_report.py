@@ -121,6 +121,27 @@ def test_not_a_run_is_a_clear_error(tmp_path, capsys):
     assert "not an experiment folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("name", "text", "says"), [
+    ("summary.json", "{", "summary.json: unreadable"),
+    ("summary.json", "[1]", "summary.json: not a cifarcnn summary"),
+    ("summary.json", '{"model": "paper-mlp", "val_accuracy": "high"}',
+     "'val_accuracy' is 'high', not a number"),
+    ("metrics.jsonl", "{\n", "metrics.jsonl, line 1: not JSON"),
+    ("metrics.jsonl", '{"epoch": 1}\n', "metrics.jsonl, line 1: 'train_loss' is missing"),
+    ("metrics.jsonl", "[]\n", "metrics.jsonl, line 1: 'train_loss' is missing"),
+    ("metrics.jsonl", "", "metrics.jsonl: no epoch finished yet")])
+def test_report_of_a_damaged_run_is_one_line(exp_and_run, tmp_path, capsys, name, text, says):
+    """Each of these raised a JSONDecodeError, KeyError, IndexError or TypeError."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(exp_and_run[1], run)
+    (run / name).write_text(text)
+    assert main(["report", str(run), "--out", str(tmp_path / "r")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+
+
 def test_tensorboard_event_files(tmp_path, data):
     run = tmp_path / "r"
     train(TrainConfig(**CFG, tensorboard=True, out=str(run)), data=data, quiet=True)
