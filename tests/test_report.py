@@ -123,9 +123,11 @@ def test_not_a_run_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.parametrize(("name", "text", "says"), [
     ("summary.json", "{", "summary.json: unreadable"),
-    ("summary.json", "[1]", "summary.json: not a cifarcnn summary"),
-    ("summary.json", '{"model": "paper-mlp", "val_accuracy": "high"}',
-     "'val_accuracy' is 'high', not a number"),
+    ("summary.json", "[1]", "summary.json: not a JSON object"),
+    ("summary.json", '{"model": "paper-mlp"}', "summary.json: no 'epochs' field"),
+    ("summary.json", '{"model": "paper-mlp", "epochs": 2, "train_accuracy": 0.5, "val_accuracy": '
+     '"high", "best_val_accuracy": 0.5, "train_seconds": 1}',
+     """'val_accuracy' is "high", not a number"""),
     ("metrics.jsonl", "{\n", "metrics.jsonl, line 1: not JSON"),
     ("metrics.jsonl", '{"epoch": 1}\n', "metrics.jsonl, line 1: 'train_loss' is missing"),
     ("metrics.jsonl", "[]\n", "metrics.jsonl, line 1: 'train_loss' is missing"),
@@ -138,6 +140,23 @@ def test_report_of_a_damaged_run_is_one_line(exp_and_run, tmp_path, capsys, name
     shutil.copytree(exp_and_run[1], run)
     (run / name).write_text(text)
     assert main(["report", str(run), "--out", str(tmp_path / "r")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+
+
+@pytest.mark.parametrize(("name", "text", "says"), [
+    ("experiment.json", "{", "experiment.json: unreadable"),
+    ("experiment.json", '{"model": "paper-cnn"}', "experiment.json: no 'runs' field"),
+    ("seed-0/summary.json", '{"epochs": "two"}', "summary.json: 'epochs' is \"two\""),
+    ("seed-1/summary.json", "", "summary.json: unreadable")])
+def test_results_of_a_damaged_experiment_is_one_line(exp_and_run, tmp_path, capsys, name, text,
+                                                     says):
+    import shutil
+
+    exp = tmp_path / "exp"
+    shutil.copytree(exp_and_run[0], exp)
+    (exp / name).write_text(text)
+    assert main(["results", str(exp)]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
 

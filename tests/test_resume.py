@@ -288,14 +288,14 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
 
 
 @pytest.mark.parametrize(("name", "text", "says"), [
-    ("config.json", "{", "config.json: cannot read it"),
+    ("config.json", "{", "config.json: unreadable"),
     ("config.json", "[]", "config.json: not a JSON object"),
     ("config.json", '{"model": "paper-cnn", "epochs": "abc"}', "saved config's 'epochs' is 'abc'"),
     ("config.json", '{"model": 5}', "saved config's 'model' is 5"),
     ("config.json", '{"model_kwargs": [1]}', "saved config's 'model_kwargs' is [1]"),
     ("config.json", '{"lr": true}', "saved config's 'lr' is True"),
     ("config.json", '{"lr": "fast"}', "saved config's 'lr' is 'fast'"),
-    ("summary.json", "{", "summary.json: cannot read it"),
+    ("summary.json", "{", "summary.json: unreadable"),
     ("summary.json", "[1]", "summary.json: not a JSON object")])
 def test_resume_of_a_damaged_run_folder_is_one_line(tmp_path, capsys, name, text, says):
     """Each of these raised a JSONDecodeError, TypeError, AttributeError or KeyError."""

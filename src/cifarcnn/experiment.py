@@ -17,6 +17,7 @@ from typing import Any
 from .config import TrainConfig
 from .datasets import CifarData
 from .errors import CifarError
+from .runfiles import read_json, read_summary
 
 META = "experiment.json"
 
@@ -46,7 +47,10 @@ def run_experiment(cfg: TrainConfig, runs: int, out: Path, data: CifarData | Non
             "config": {k: v for k, v in dataclasses.asdict(cfg).items()
                        if k not in ("seed", "out", "data")}}
     if (out / META).is_file():
-        old = json.loads((out / META).read_text())
+        old = read_json(out / META, required=("config",))
+        if not isinstance(old["config"], dict):
+            raise CifarError(f"{out / META}: 'config' is not a JSON object; the folder is "
+                             "damaged")
         # a setting added after the experiment was recorded matches when left at its default
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         recorded = {**{k: defaults.get(k) for k in spec["config"] if k not in old["config"]},
@@ -85,7 +89,7 @@ def summaries(exp: Path) -> list[dict[str, Any]]:
     for run in run_dirs(exp):
         if not (run / "summary.json").is_file():
             continue
-        s = json.loads((run / "summary.json").read_text())
+        s = read_summary(run / "summary.json")
         s["run"] = run.name
         rows.append(s)
     return rows
@@ -104,7 +108,7 @@ def results_table(exp: Path) -> str:
         raise CifarError(f"{exp}: not an experiment folder (no {META}); give a folder that "
                          "`cifarcnn experiment` wrote")
     rows = summaries(exp)
-    spec = json.loads((exp / META).read_text())
+    spec = read_json(exp / META, numbers=("runs",), required=("model", "runs"))
     lines = [f"{spec['model']}: {len(rows)} of {spec['runs']} runs finished",
              "", "| run | epochs | train accuracy | val accuracy | best val accuracy | seconds |",
              "|---|---:|---:|---:|---:|---:|"]

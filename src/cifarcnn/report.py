@@ -22,6 +22,7 @@ import numpy as np
 from . import experiment
 from .datasets import CifarData
 from .errors import CifarError
+from .runfiles import is_number, read_json, read_summary
 
 
 @dataclass
@@ -43,13 +44,8 @@ class Source:
         return self.name if self.name == self.model else f"{self.name} ({self.model})"
 
 
-# What the charts and tables read: each epoch's line of metrics.jsonl, and a summary.
+# What the charts and tables read of each epoch's line of metrics.jsonl.
 ROW_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
-SUMMARY_NUMBERS = ("val_accuracy", "best_val_accuracy", "train_seconds")
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _history(run: Path) -> list[dict[str, Any]]:
@@ -69,7 +65,7 @@ def _history(run: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise CifarError(f"{path}, line {i}: not JSON ({e}); the run folder is "
                              "damaged") from None
-        missing = [k for k in ROW_KEYS if not (isinstance(row, dict) and _number(row.get(k)))]
+        missing = [k for k in ROW_KEYS if not (isinstance(row, dict) and is_number(row.get(k)))]
         if missing:
             raise CifarError(f"{path}, line {i}: {missing[0]!r} is missing or not a number; "
                              "the run folder is damaged")
@@ -79,34 +75,19 @@ def _history(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _summary(path: Path) -> dict[str, Any]:
-    """A run's summary.json (or config.json, for a run still going), checked."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CifarError(f"{path}: unreadable ({e}); the run folder is damaged") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("model", ""), str):
-        raise CifarError(f"{path}: not a cifarcnn summary; the run folder is damaged")
-    for k in SUMMARY_NUMBERS:
-        if k in obj and not _number(obj[k]):
-            raise CifarError(f"{path}: {k!r} is {obj[k]!r}, not a number; the run folder is "
-                             "damaged")
-    return obj
-
-
 def load_source(path: Path) -> Source:
     path = Path(path)
     if experiment.is_experiment(path):
         src = Source(path.name, path, "experiment")
         for run in experiment.run_dirs(path):
             if (run / "summary.json").is_file():
-                src.runs.append((run.name, _history(run), _summary(run / "summary.json")))
+                src.runs.append((run.name, _history(run), read_summary(run / "summary.json")))
         if not src.runs:
             raise CifarError(f"{path}: experiment with no finished run yet")
         return src
     if experiment.is_run(path):
         summary = path / "summary.json"
-        s = _summary(summary if summary.is_file() else path / "config.json")
+        s = read_summary(summary) if summary.is_file() else read_json(path / "config.json")
         return Source(path.name, path, "run", [(path.name, _history(path), s)])
     raise CifarError(f"{path}: neither a run folder (config.json + metrics.jsonl) nor an "
                      "experiment folder (experiment.json); give folders that `cifarcnn train` "

@@ -34,6 +34,7 @@ from .inference import autocast, evaluate_arrays, input_dtype
 from .models import build_model, count_parameters
 from .models.fast import ConvGroup
 from .optim import Lookahead, MuonSGD
+from .runfiles import read_json
 from .weights import save_weights
 
 HOLDOUT_SEED = 1234  # fixed: the same --holdout N always holds out the same images
@@ -194,17 +195,6 @@ def prepare_run_dir(out: str | None, model: str) -> Path:
     return run
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A run's JSON file as a dict, or one line saying that it is damaged."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CifarError(f"{path}: cannot read it ({e}); the run folder is damaged") from None
-    if not isinstance(obj, dict):
-        raise CifarError(f"{path}: not a JSON object; the run folder is damaged")
-    return obj
-
-
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -261,7 +251,7 @@ def resume(run_dir: str | os.PathLike, data_path: str | None = None,
         raise CifarError(f"--resume {run}: not a run directory (no config.json); give the "
                          "folder a `cifarcnn train` run wrote")
     if (run / "summary.json").is_file():
-        summary = read_json(run / "summary.json")
+        summary = read_json(run / "summary.json", numbers=("val_accuracy",))
         acc = summary.get("val_accuracy")
         if not quiet:
             said = f" (val accuracy {acc:.2%})" if isinstance(acc, (int, float)) else ""

@@ -1,0 +1,50 @@
+"""Reading the JSON files of run and experiment folders, which may be damaged or edited.
+
+A folder may be half-copied, edited by hand or hit by a bad disk; whatever reads it
+(resume, results, report) gets its files through here, so that each damage is one line
+naming the file and the field, not a KeyError or TypeError from deep inside.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import CifarError
+
+# The numbers a run's summary.json holds that results and reports read.
+SUMMARY_NUMBERS = ("epochs", "train_accuracy", "val_accuracy", "best_val_accuracy",
+                   "train_seconds")
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_json(path: Path, numbers: tuple[str, ...] = (), required: tuple[str, ...] = ()
+              ) -> dict[str, Any]:
+    """The file's JSON object. `numbers`: fields that must be numbers where present;
+    `required`: fields that must be present."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CifarError(f"{path}: unreadable ({e}); the folder is damaged") from None
+    if not isinstance(obj, dict):
+        raise CifarError(f"{path}: not a JSON object; the folder is damaged")
+    for k in numbers:
+        if k in obj and not is_number(obj[k]):
+            raise CifarError(f"{path}: {k!r} is {json.dumps(obj[k])[:60]}, not a number; "
+                             "the folder is damaged")
+    for k in required:
+        if k not in obj:
+            raise CifarError(f"{path}: no {k!r} field; the folder is damaged")
+    return obj
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A finished run's summary.json: the numbers results and reports read, checked."""
+    s = read_json(path, numbers=SUMMARY_NUMBERS, required=SUMMARY_NUMBERS)
+    if not isinstance(s.get("model", ""), str):
+        raise CifarError(f"{path}: 'model' is not a model name; the folder is damaged")
+    return s
