@@ -268,8 +268,8 @@ def test_weights_whose_model_arguments_do_not_fit_allocate_nothing(tmp_path, kwa
     first: a width of a million would otherwise ask for terabytes, and a negative class
     count raised a RuntimeError."""
     path = _weights_with(tmp_path / "w.safetensors", "fast", {"model_kwargs": kwargs})
-    with pytest.raises(CifarError, match=r"w\.safetensors: tensors do not fit model fast|"
-                                         r"model fast: bad model arguments"):
+    with pytest.raises(CifarError, match=r"w\.safetensors: (tensors do not fit model fast|"
+                                         r"model fast: )"):
         cifarcnn.load(path)
 
 

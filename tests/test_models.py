@@ -68,3 +68,20 @@ def test_input_moved_to_model_device():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(CifarError, match=r"unknown model 'resnet9000'.*paper-cnn"):
         build_model("resnet9000")
+
+
+@pytest.mark.parametrize(("name", "kwargs", "says"), [
+    ("fast", {"widths": [100000, 100000, 100000]}, "450,023,800,312 parameters, more than"),
+    ("paper-cnn", {"channels": [100000, 100000, 100000]}, "parameters, more than"),
+    ("fast", {"widths": [-1, 2, 3]}, "give three whole numbers of channels > 0"),
+    ("fast", {"widths": [1.5, 2, 3]}, "give three whole numbers of channels > 0"),
+    ("fast", {"widths": "abc"}, "give three whole numbers of channels > 0"),
+    ("paper-cnn", {"channels": [-1, 2, 3]}, "negative dimension"),
+    ("fast", {"num_classes": 0}, "num_classes=0: give a whole number of classes > 0"),
+    ("paper-mlp", {"num_classes": -1}, "num_classes=-1"),
+])
+def test_out_of_range_model_arguments_are_refused_before_allocating(name, kwargs, says):
+    """Built on the meta device first: a width of 100,000 asked the allocator for 1.8 TB
+    (a RuntimeError with a traceback), a negative width raised one too."""
+    with pytest.raises(CifarError, match=rf"model {name}: .*{says}"):
+        build_model(name, **kwargs)

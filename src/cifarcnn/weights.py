@@ -137,8 +137,8 @@ def load_weights(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, 
     try:
         with torch.device("meta"):
             skeleton = build_model(meta["model"], **kwargs)
-    except RuntimeError as e:  # e.g. a negative size
-        raise CifarError(f"model {meta['model']}: bad model arguments {kwargs} ({e})") from None
+    except CifarError as e:  # arguments out of range: say which file holds them
+        raise CifarError(f"{path}: {e}") from None
     with safe_open(str(path), "pt") as f:
         have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
     want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}

@@ -7,10 +7,12 @@ flag the user gives overrides the recipe.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import CifarError
@@ -46,14 +48,37 @@ def get_spec(name: str) -> ModelSpec:
         ) from None
 
 
+# Far beyond any CIFAR-10 net here (fast: 1.5 M); a typo in --model-arg widths=[...] could
+# otherwise ask the allocator for hundreds of gigabytes.
+MAX_PARAMETERS = 1_000_000_000
+
+
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build model `name`; kwargs are its constructor arguments (widths...)."""
-    try:
-        return get_spec(name).build(**kwargs)
-    except TypeError as e:
-        raise CifarError(f"model {name}: bad model arguments {kwargs} ({e})") from None
-    except ValueError as e:  # a model's own check of its arguments' values
-        raise CifarError(f"model {name}: {e}") from None
+    """Build model `name`; kwargs are its constructor arguments (widths...).
+
+    It is built first on the meta device (shapes only, no memory), so that arguments
+    that are out of range (a negative width, a billion channels) give one clear error
+    before anything is allocated."""
+    spec = get_spec(name)
+    if "num_classes" in kwargs and not (type(kwargs["num_classes"]) is int
+                                        and kwargs["num_classes"] > 0):
+        raise CifarError(f"model {name}: num_classes={kwargs['num_classes']!r}: give a "
+                         "whole number of classes > 0")
+    for device in ("meta", None):
+        try:
+            with torch.device(device) if device else contextlib.nullcontext():
+                model = spec.build(**kwargs)
+        except TypeError as e:
+            raise CifarError(f"model {name}: bad model arguments {kwargs} ({e})") from None
+        except ValueError as e:  # a model's own check of its arguments' values
+            raise CifarError(f"model {name}: {e}") from None
+        except RuntimeError as e:  # e.g. torch refusing a negative size
+            raise CifarError(f"model {name}: bad model arguments {kwargs} "
+                             f"({str(e).splitlines()[0]})") from None
+        if device and (n := count_parameters(model)) > MAX_PARAMETERS:
+            raise CifarError(f"model {name}: arguments {kwargs} make {n:,} parameters, more "
+                             f"than the {MAX_PARAMETERS:,} this tool builds; check the widths")
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

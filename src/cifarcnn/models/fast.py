@@ -299,6 +299,10 @@ class FastNet(nn.Module):
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
         self.whiten_eps = whiten_eps
+        if isinstance(widths, str) or len(widths) != 3 or not all(
+                type(w) is int and w > 0 for w in widths):
+            raise ValueError(f"widths={widths!r}: give three whole numbers of channels > 0, "
+                             "one per group, e.g. [48,192,256]")
         w1, w2, w3 = widths
         p1, p2, p3 = (bool(p) for p in pool_first)
         dims = 3 * PATCH * PATCH
