@@ -254,7 +254,7 @@ def resume(run_dir: str | os.PathLike, data_path: str | None = None,
         summary = read_json(run / "summary.json", numbers=("val_accuracy",))
         acc = summary.get("val_accuracy")
         if not quiet:
-            said = f" (val accuracy {acc:.2%})" if isinstance(acc, (int, float)) else ""
+            said = f" (val accuracy {acc:.2%})" if acc is not None else ""  # checked: a number
             print(f"{run}: already finished{said}; nothing to do", flush=True)
         return summary
     ckpt = checkpoint.load(run / checkpoint.LAST) if (run / checkpoint.LAST).is_file() else None
