@@ -290,7 +290,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40)
 
 def test_fuzz_weights_metadata(tmp_path_factory):
     """Any JSON in the fields inference reads: the weights load and predict, or fail with
-    CifarError (a hand fuzz of these fields found twenty other exceptions before)."""
+    CifarError (a hand fuzz of these fields found 22 other exceptions before)."""
     import json
 
     folder = tmp_path_factory.mktemp("wfuzz")
