@@ -22,7 +22,7 @@ import numpy as np
 from . import experiment
 from .datasets import CifarData
 from .errors import CifarError
-from .runfiles import is_number, read_json, read_summary
+from .runfiles import read_history, read_json, read_summary
 
 
 @dataclass
@@ -44,51 +44,20 @@ class Source:
         return self.name if self.name == self.model else f"{self.name} ({self.model})"
 
 
-# What the charts and tables read of each epoch's line of metrics.jsonl.
-ROW_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
-
-
-def _history(run: Path) -> list[dict[str, Any]]:
-    """The run's epochs, each line checked, so that a damaged file gives one line naming
-    the line and key, not a KeyError from a chart."""
-    path = run / "metrics.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CifarError(f"{path}: unreadable ({e})") from None
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CifarError(f"{path}, line {i}: not JSON ({e}); the run folder is "
-                             "damaged") from None
-        missing = [k for k in ROW_KEYS if not (isinstance(row, dict) and is_number(row.get(k)))]
-        if missing:
-            raise CifarError(f"{path}, line {i}: {missing[0]!r} is missing or not a number; "
-                             "the run folder is damaged")
-        rows.append(row)
-    if not rows:
-        raise CifarError(f"{path}: no epoch finished yet; report a run after its first epoch")
-    return rows
-
-
 def load_source(path: Path) -> Source:
     path = Path(path)
     if experiment.is_experiment(path):
         src = Source(path.name, path, "experiment")
         for run in experiment.run_dirs(path):
             if (run / "summary.json").is_file():
-                src.runs.append((run.name, _history(run), read_summary(run / "summary.json")))
+                src.runs.append((run.name, read_history(run), read_summary(run / "summary.json")))
         if not src.runs:
             raise CifarError(f"{path}: experiment with no finished run yet")
         return src
     if experiment.is_run(path):
         summary = path / "summary.json"
         s = read_summary(summary) if summary.is_file() else read_json(path / "config.json")
-        return Source(path.name, path, "run", [(path.name, _history(path), s)])
+        return Source(path.name, path, "run", [(path.name, read_history(path), s)])
     raise CifarError(f"{path}: neither a run folder (config.json + metrics.jsonl) nor an "
                      "experiment folder (experiment.json); give folders that `cifarcnn train` "
                      "or `cifarcnn experiment` wrote")

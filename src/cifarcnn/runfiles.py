@@ -1,8 +1,9 @@
 """Reading the JSON files of run and experiment folders, which may be damaged or edited.
 
 A folder may be half-copied, edited by hand or hit by a bad disk; whatever reads it
-(resume, results, report) gets its files through here, so that each damage is one line
-naming the file and the field, not a KeyError or TypeError from deep inside.
+(resume, results, report, the time-to-accuracy benchmark) gets its files through here,
+so that each damage is one line naming the file and the field, not a KeyError or
+TypeError from deep inside.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from .errors import CifarError
 # The numbers a run's summary.json holds that results and reports read.
 SUMMARY_NUMBERS = ("epochs", "train_accuracy", "val_accuracy", "best_val_accuracy",
                    "train_seconds")
+# What tables and charts read of each epoch's line of metrics.jsonl.
+ROW_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
 
 
 def is_number(v: Any) -> bool:
@@ -48,3 +51,30 @@ def read_summary(path: Path) -> dict[str, Any]:
     if not isinstance(s.get("model", ""), str):
         raise CifarError(f"{path}: 'model' is not a model name; the folder is damaged")
     return s
+
+
+def read_history(run: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl, one dict per finished epoch, each line checked for the
+    numbers tables and charts read."""
+    path = run / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CifarError(f"{path}: unreadable ({e})") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CifarError(f"{path}, line {i}: not JSON ({e}); the run folder is "
+                             "damaged") from None
+        missing = [k for k in ROW_KEYS if not (isinstance(row, dict) and is_number(row.get(k)))]
+        if missing:
+            raise CifarError(f"{path}, line {i}: {missing[0]!r} is missing or not a number; "
+                             "the run folder is damaged")
+        rows.append(row)
+    if not rows:
+        raise CifarError(f"{path}: no epoch finished yet; report a run after its first epoch")
+    return rows

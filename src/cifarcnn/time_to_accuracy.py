@@ -8,7 +8,6 @@ which is reported apart. With a target, it also reports when the mean
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -18,10 +17,7 @@ from typing import Any
 from .config import TrainConfig
 from .datasets import CifarData, load_cifar10
 from .errors import CifarError
-
-
-def _history(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from .runfiles import read_history, read_json
 
 
 def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None = None,
@@ -43,8 +39,8 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
         root = keep or Path(tmp) / "exp"
         data = data or load_cifar10(data_path, verbose=True)
         summaries = run_experiment(cfg, runs, root, data=data, quiet=True)
-        histories = [_history(root / s["run"]) for s in summaries]
-        settings = json.loads((root / summaries[0]["run"] / "config.json").read_text())
+        histories = [read_history(root / s["run"]) for s in summaries]
+        settings = read_json(root / summaries[0]["run"] / "config.json")
     results = []
     for seed, s in enumerate(summaries):
         results.append({"seed": s["seed"], "accuracy": s["val_accuracy_no_tta"],
