@@ -19,7 +19,8 @@ ratio to the first recipe. Steps only: the per-epoch augmentation, selection
 bookkeeping and validation are not in it (a few percent of a run), and a
 short last batch is priced as a full one. FLAGS may also hold
 `--pytorch-layers`: the recipe runs on PyTorch's own layers only (no fused
-kernels, oneDNN's filter gradients), as code outside this project would.
+kernels, oneDNN's convolutions and filter gradients), as code outside this project
+would.
 
 --airbench adds airbench94_muon's net and schedule as this code builds them
 (widths 64/256/256, batch 2,000, Muon rate 0.24, 8 epochs on whole 32x32
@@ -89,7 +90,7 @@ def parse_recipe(text: str, device: str) -> Recipe:
                          f"`cifarcnn train`, plus {PLAIN})")
     cfg = _config_from_flags(args)
     if plain and cfg.model == "fast":
-        cfg.model_kwargs = {**cfg.model_kwargs, "gemm_grad_positions": 0}
+        cfg.model_kwargs = {**cfg.model_kwargs, "gemm_grad_positions": 0, "dense_positions": 0}
     try:
         cfg = cfg.resolved()
     except CifarError as e:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from test_train import tiny_data
 
 import cifarcnn
-from cifarcnn import augment, modes
+from cifarcnn import augment, modes, native
 from cifarcnn.config import TrainConfig
 from cifarcnn.errors import CifarError
 from cifarcnn.inference import TTA_VIEWS
@@ -258,6 +258,66 @@ def test_im2col_filter_gradient_equals_the_convs_own():
     assert {c.gemm_positions for c in m.modules() if isinstance(c, Conv3x3)} == {49}
     with pytest.raises(CifarError, match="gemm_grad_positions"):
         build_model("fast", gemm_grad_positions=-1)
+
+
+def test_dense_conv_on_tiny_maps_equals_the_conv():
+    """DenseConv's output, input gradient and filter gradient are the conv's own."""
+    torch.manual_seed(0)
+    for h, w in ((1, 1), (2, 2), (3, 3), (2, 3)):
+        conv = Conv3x3(7, 6, dense_positions=9)
+        ref = torch.nn.Conv2d(7, 6, 3, padding=1, bias=False)
+        ref.weight.data.copy_(conv.weight.data)
+        conv, ref = conv.double(), ref.double()
+        x = torch.randn(5, 7, h, w, dtype=torch.float64)
+        g = torch.randn(5, 6, h, w, dtype=torch.float64)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xa = x.clone(memory_format=fmt).requires_grad_()
+            xb = x.clone().requires_grad_()
+            y = conv(xa)
+            assert y.grad_fn.name() == "DenseConvBackward"
+            torch.testing.assert_close(y, ref(xb))
+            (y * g).sum().backward()
+            (ref(xb) * g).sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad)
+            torch.testing.assert_close(conv.weight.grad, ref.weight.grad)
+            conv.weight.grad = ref.weight.grad = None
+        # bf16 under autocast: to bf16's rounding, the filter gradient kept in fp32
+        conv, ref = conv.float(), ref.float()
+        xa = x.float().requires_grad_()
+        xb = x.float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ya, yb = conv(xa), ref(xb)
+            (ya * g.float()).sum().backward()
+            (yb * g.float()).sum().backward()
+        assert ya.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
+        torch.testing.assert_close(ya, yb, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=2e-2, atol=2e-2)
+    # a frozen input (no input gradient asked) still gets the filter gradient
+    conv = Conv3x3(7, 6, dense_positions=9)
+    conv(torch.randn(2, 7, 3, 3)).sum().backward()
+    assert conv.weight.grad is not None
+
+
+def test_dense_conv_only_on_maps_up_to_dense_positions():
+    x = torch.randn(2, 7, 3, 3, requires_grad=True)
+    assert Conv3x3(7, 6, dense_positions=9)(x).grad_fn.name() == "DenseConvBackward"
+    assert Conv3x3(7, 6, dense_positions=4)(x).grad_fn.name() != "DenseConvBackward"
+    assert Conv3x3(7, 6, dense_positions=4)(x[:, :, :2, :2]).grad_fn.name() == "DenseConvBackward"
+    assert Conv3x3(7, 6)(x).grad_fn.name() != "DenseConvBackward"  # 0: never
+    conv = Conv3x3(7, 6, dense_positions=9).eval()  # inference keeps the plain conv
+    assert conv(x).grad_fn.name() != "DenseConvBackward"
+    # part-batch filter gradients keep their own path
+    conv = Conv3x3(7, 6, weight_grad_fraction=0.5, dense_positions=9)
+    assert conv(x).grad_fn.name() == "FilterGradConvBackward"
+    # the default: 3x3 maps on AMX CPUs, 2x2 and 1x1 elsewhere
+    m = build_model("fast", widths=[8, 16, 16])
+    want = 9 if native.has_amx() else 4
+    assert {c.dense_positions for c in m.modules() if isinstance(c, Conv3x3)} == {want}
+    m = build_model("fast", widths=[8, 16, 16], dense_positions=0)
+    assert {c.dense_positions for c in m.modules() if isinstance(c, Conv3x3)} == {0}
+    with pytest.raises(CifarError, match="dense_positions"):
+        build_model("fast", dense_positions=-1)
 
 
 def test_weight_grad_fraction_reaches_every_conv_and_keeps_the_weights_format():
@@ -695,6 +755,7 @@ def test_recipe_cost_benchmark_counts_the_steps_training_takes(tmp_path):
     assert recipe.counts == {(16, 1000, 0): 50, (24, 1000, 0): 100, (32, 1000, 1): 175}
     airbench = recipe_cost.parse_recipe(recipe_cost.AIRBENCH, "cpu")
     assert airbench.plain and airbench.cfg.model_kwargs["gemm_grad_positions"] == 0
+    assert airbench.cfg.model_kwargs["dense_positions"] == 0
     assert airbench.counts == {(32, 2000, 0): 75, (32, 2000, 1): 125}
     # a tiny run's epochs: the images each trained on, against the plan for as many images
     small = recipe_cost.parse_recipe("s=--model-arg widths=[8,16,16] --batch-size 40 "

@@ -24,6 +24,7 @@ benchmarks/time_to_accuracy.py).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -165,27 +166,96 @@ class FilterGradConv(torch.autograd.Function):
         return gx, gw, None, None
 
 
+@functools.cache
+def _tap_pairs(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a 3x3, padding-1 conv on an h x w map: every (input position, output position,
+    tap) that meets inside the map, positions numbered row by row, taps (row, column)."""
+    rows = [(yi * w + xi, yo * w + xo, ky * 3 + kx)
+            for yo in range(h) for xo in range(w) for ky in range(3) for kx in range(3)
+            for yi, xi in [(yo + ky - 1, xo + kx - 1)] if 0 <= yi < h and 0 <= xi < w]
+    return tuple(torch.tensor(col) for col in zip(*rows, strict=True))  # type: ignore[return-value]
+
+
+class DenseConv(torch.autograd.Function):
+    """A 3x3, padding-1 conv on a tiny map as one dense matrix product.
+
+    On an h x w map with P = h x w positions the conv is a linear map from the
+    image's P x C inputs to its P x O outputs: a (P C, P O) matrix whose (input
+    position, output position) block is the filter tap joining them, or zero.
+    A channels_last batch is already (N, P C) in memory, so the forward pass,
+    the input gradient and the matrix's gradient are three plain products; the
+    filter gradient is the sum of the matrix gradient's blocks per tap (in fp32).
+    At 1x1 and 2x2 every block is a real tap, so the products do exactly the
+    conv's multiply-adds; at 3x3 1.65 times as many. oneDNN runs these maps far
+    below its rate on larger ones: on the AMX Xeon the dense products were
+    measured ~10x faster at 1x1, ~4x at 2x2 and 1.2-2x at 3x3 (docs/fast-recipe.md,
+    "A thirteenth round"). Under autocast it computes in the autocast dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        o, p = weight.shape[0], h * w
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        pin, pout, tap = _tap_pairs(h, w)
+        taps = weight.to(dtype).permute(2, 3, 1, 0).reshape(9, c, o)
+        blocks = taps.new_zeros(p, p, c, o)
+        blocks[pin, pout] = taps[tap]
+        dense = blocks.permute(0, 2, 1, 3).reshape(p * c, p * o)
+        flat = x.to(dtype).permute(0, 2, 3, 1).reshape(n, p * c)  # a view if channels_last
+        ctx.save_for_backward(flat, dense)
+        ctx.shape, ctx.dtypes = (n, c, h, w, o), (x.dtype, weight.dtype)
+        with torch.autocast(device, enabled=False):
+            out = flat @ dense
+        return out.view(n, h, w, o).permute(0, 3, 1, 2)  # channels_last
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, dense = ctx.saved_tensors
+        n, c, h, w, o = ctx.shape
+        p = h * w
+        g = grad.to(flat.dtype).permute(0, 2, 3, 1).reshape(n, p * o)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (g @ dense.t()).view(n, h, w, c).permute(0, 3, 1, 2).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            pin, pout, tap = _tap_pairs(h, w)
+            blocks = (flat.t() @ g).view(p, c, p, o).permute(0, 2, 1, 3)
+            per_pair = blocks[pin, pout].to(torch.promote_types(flat.dtype, torch.float32))
+            taps = per_pair.new_zeros(9, c, o).index_add_(0, tap, per_pair)
+            gw = taps.view(3, 3, c, o).permute(3, 2, 0, 1).to(ctx.dtypes[1])
+        return gx, gw
+
+
 class Conv3x3(nn.Conv2d):
     """A 3x3 conv, no bias, whose filter gradient can be computed our way (FilterGradConv).
 
     `weight_grad_fraction` below 1 takes it from part of the batch; on the CPU,
     maps of at most `gemm_positions` positions (height x width) take it as matrix
     products. Either goes through FilterGradConv in a training forward pass
-    (eager and compiled runs; traced and scripted ones use the plain conv).
+    (eager and compiled runs; traced and scripted ones use the plain conv). On
+    the CPU, maps of at most `dense_positions` positions run the whole conv as
+    dense matrix products (DenseConv) in a training forward pass; that takes
+    precedence over the filter-gradient matrix products.
     """
 
     def __init__(self, cin: int, cout: int, weight_grad_fraction: float = 1.0,
-                 gemm_positions: int = 0) -> None:
+                 gemm_positions: int = 0, dense_positions: int = 0) -> None:
         super().__init__(cin, cout, 3, padding=1, bias=False)
         self.weight_grad_fraction = float(weight_grad_fraction)
         self.gemm_positions = int(gemm_positions)
+        self.dense_positions = int(dense_positions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training and self.weight.requires_grad
                 and not torch.jit.is_scripting() and not torch.jit.is_tracing()):
             # int(): TorchScript's round returns a float
             keep = max(1, int(round(self.weight_grad_fraction * x.shape[0])))  # noqa: RUF046
-            gemm = x.device.type == "cpu" and x.shape[2] * x.shape[3] <= self.gemm_positions
+            cpu, positions = x.device.type == "cpu", x.shape[2] * x.shape[3]
+            if cpu and positions <= self.dense_positions and keep == x.shape[0]:
+                return self.dense(x)
+            gemm = cpu and positions <= self.gemm_positions
             if keep < x.shape[0] or gemm:
                 return self.custom(x, keep, gemm)
         return self._conv_forward(x, self.weight, self.bias)
@@ -193,6 +263,10 @@ class Conv3x3(nn.Conv2d):
     @torch.jit.unused
     def custom(self, x: torch.Tensor, keep: int, gemm: bool) -> torch.Tensor:
         return FilterGradConv.apply(x, self.weight, keep, gemm)
+
+    @torch.jit.unused
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return DenseConv.apply(x, self.weight)
 
 
 class ExtraConv(nn.Module):
@@ -271,7 +345,7 @@ class FastNet(nn.Module):
                  whiten_eps: float = 5e-4, whiten_act: bool = True,
                  whiten_dims: int = 0, extra_convs: tuple[int, int, int] = (0, 0, 0),
                  extra_residual: bool = False, weight_grad_fraction: float = 1.0,
-                 gemm_grad_positions: int = 49) -> None:
+                 gemm_grad_positions: int = 49, dense_positions: int | None = None) -> None:
         """`muon_momentum`, `ns_steps` (Newton-Schulz iterations) and `freeze_first_group`
         shape the groups `optimizer_groups` returns: they live here so `--model-arg`
         reaches them and the weights' metadata records them. `pool_first` (one flag per
@@ -294,7 +368,13 @@ class FastNet(nn.Module):
         `gemm_grad_positions`: on the CPU, convs on maps of at most that many positions
         (7x7: the last three convs at 32x32 inputs, more at smaller ones) take their
         filter gradient as matrix products (`im2col_filter_grad`), not from oneDNN's
-        kernel: the same sums, measured 1.1-5x faster on the AMX Xeon (0: never)."""
+        kernel: the same sums, measured 1.1-5x faster on the AMX Xeon (0: never).
+        `dense_positions`: on the CPU, convs on maps of at most that many positions run
+        as dense matrix products (`DenseConv`; 0: never). None picks 9 (3x3 maps: the
+        last conv at 32x32 inputs, the last three at 16x16) on CPUs with AMX, where
+        that was measured faster, and 4 elsewhere (2x2 and 1x1 maps, where the
+        products do exactly the conv's multiply-adds; at 3x3 they do 1.65x as many,
+        which a CPU without AMX would pay for)."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
@@ -334,9 +414,15 @@ class FastNet(nn.Module):
         if int(gemm_grad_positions) < 0:
             raise ValueError(f"gemm_grad_positions={gemm_grad_positions}: give a number of "
                              "positions >= 0 (0: never), e.g. 49")
+        if dense_positions is None:
+            dense_positions = 9 if native.has_amx() else 4
+        if int(dense_positions) < 0:
+            raise ValueError(f"dense_positions={dense_positions}: give a number of "
+                             "positions >= 0 (0: never), e.g. 9")
         for conv in self.groups.modules():
             if isinstance(conv, Conv3x3):
                 conv.gemm_positions = int(gemm_grad_positions)
+                conv.dense_positions = int(dense_positions)
         self.head = nn.Linear(w3, num_classes, bias=False)
         with torch.no_grad():
             self.head.weight /= self.head.weight.std()  # unit weights; forward divides by width
