@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import subprocess
@@ -448,6 +449,28 @@ def test_alternating_flips_mirror_each_image_every_other_epoch():
     assert torch.equal(flips[1], ~flips[0]) and torch.equal(flips[2], flips[0])
 
 
+def test_flips_by_times_seen_alternate_per_showing_under_selection():
+    n, seed = 1000, 3
+    times = torch.zeros(n, dtype=torch.long)
+    shown: dict[int, list[bool]] = {}
+    for epoch in range(4):
+        plan = augment.epoch_plan(n, seed=seed, epoch=epoch, flip="alternate-seen")
+        if epoch < 2:  # every image every epoch: the same mirroring as "alternate"
+            same = augment.epoch_plan(n, seed=seed, epoch=epoch, flip="alternate")
+            assert torch.equal(augment.flips_by_times_seen(plan, seed, times).flip, same.flip)
+        else:  # then a different half each epoch, as loss-based selection would choose
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[torch.randperm(n, generator=torch.Generator().manual_seed(epoch))[:500]] = True
+            plan = plan.subset(chosen)
+        plan = augment.flips_by_times_seen(plan, seed, times)
+        times[plan.order] += 1
+        for i, f in zip(plan.order.tolist(), plan.flip.tolist(), strict=True):
+            shown.setdefault(i, []).append(f)
+    # every image's showings alternate, whatever epochs it skipped
+    assert all(all(a != b for a, b in itertools.pairwise(f)) for f in shown.values())
+    assert any(len(f) == 3 for f in shown.values())  # some skipped an epoch
+
+
 def test_reflect_padding_matches_numpy():
     x = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     got = augment.pad_images(x, 2, "reflect").numpy()
@@ -583,6 +606,7 @@ def test_time_to_accuracy_benchmark_prints_the_table_and_writes_json(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_accuracy.py"),
                         "--runs", "2", "--data", str(arc), "--epochs", "1", "--batch-size",
                         "100", "--model-arg", "widths=[8,16,16]", "--target", "0.01",
+                        "--flip", "alternate-seen",
                         "--json", str(out), "--keep", str(tmp_path / "kept")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -596,6 +620,7 @@ def test_time_to_accuracy_benchmark_prints_the_table_and_writes_json(tmp_path):
     # the settings trained with: the flags given over the recipe, no per-run fields
     settings = result["settings"]
     assert settings["batch_size"] == 100 and settings["model_kwargs"] == {"widths": [8, 16, 16]}
+    assert settings["flip"] == "alternate-seen"
     assert settings["label_smoothing"] == 0.2 and "seed" not in settings and "out" not in settings
     assert "mean" in r.stdout and "target 1.00%: mean reached" in r.stdout
     from cifarcnn.perf import cpu_name  # which machine measured it: the table says, as the runs do

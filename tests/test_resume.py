@@ -138,16 +138,18 @@ def test_resume_in_process_from_every_epoch_end_is_exact(tmp_path):
     assert again == s
 
 
-def test_fast_recipe_resumes_exactly_after_its_whitening_bias_froze(tmp_path):
+@pytest.mark.parametrize("flip", ["alternate", "alternate-seen"])
+def test_fast_recipe_resumes_exactly_after_its_whitening_bias_froze(tmp_path, flip):
     # fast's recipe changes course mid-run: whole images shrunk to 16x16 in epoch 1, 24x24
     # crops in epochs 2-3, then whole images,
     # the whitening bias stops training after epoch 3, and from epoch 4 each epoch trains
     # on the 140 of 200 images with the highest remembered loss (3 steps), and Lookahead
-    # keeps slow weights; a resume in epoch 4 must rebuild all of that from the checkpoint
+    # keeps slow weights (and with alternate-seen, each image's mirroring follows how often
+    # it was trained on); a resume in epoch 4 must rebuild all of that from the checkpoint
     # and the config alone.
     data = tiny_data(200, 50)
     cfg = dict(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=5, batch_size=50,
-               precision="fp32", checkpoint_every=2, lookahead=3)
+               precision="fp32", checkpoint_every=2, lookahead=3, flip=flip)
     train(TrainConfig(**cfg, out=str(tmp_path / "ref")), data=data, quiet=True)
     run = tmp_path / "cut"
     train_killed_inside_epoch(TrainConfig(**cfg, out=str(run)), data, epoch=3)

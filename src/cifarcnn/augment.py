@@ -39,6 +39,8 @@ def epoch_plan(n: int, seed: int, epoch: int, augment: bool = True, translate: i
     run and mirrors exactly the other half of the images every odd epoch, so
     any two consecutive epochs show each image both ways: less repetition
     than independent coins, which matters when a run lasts a few epochs.
+    "alternate-seen" plans the same here; the training loop then keys each
+    image's mirroring to the times it was trained on (`flips_by_times_seen`).
     `shrink` > 0 plans crops that many pixels smaller than the images (see
     TrainConfig.low_res): their offsets range over the extra room too.
     """
@@ -47,15 +49,32 @@ def epoch_plan(n: int, seed: int, epoch: int, augment: bool = True, translate: i
     if augment:
         dx = torch.randint(0, 2 * translate + shrink + 1, (n,), generator=g)
         dy = torch.randint(0, 2 * translate + shrink + 1, (n,), generator=g)
-        if flip == "alternate":
-            base = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
-            flips = base[order] ^ bool(epoch % 2)
+        if flip in ("alternate", "alternate-seen"):
+            flips = flip_coins(n, seed)[order] ^ bool(epoch % 2)
         else:
             flips = torch.rand(n, generator=g) < 0.5
     else:
         dx = dy = torch.full((n,), translate + shrink // 2)
         flips = torch.zeros(n, dtype=torch.bool)
     return EpochPlan(order, dx, dy, flips)
+
+
+def flip_coins(n: int, seed: int) -> torch.Tensor:
+    """The alternating flips' one coin per image for the whole run."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+
+def flips_by_times_seen(plan: EpochPlan, seed: int, times: torch.Tensor) -> EpochPlan:
+    """The plan with each image mirrored on every other time it is trained on.
+
+    flip="alternate" keys the mirroring to the epoch's parity, so under loss-based
+    selection an image trained on in epochs 5 and 7 but skipped in 6 is shown the
+    same way twice; keyed to `times` (how often each image was trained on before
+    this epoch), every two showings of an image are one each way. While every
+    epoch trains on every image the two agree.
+    """
+    flips = flip_coins(len(times), seed)[plan.order] ^ (times[plan.order] % 2 == 1)
+    return EpochPlan(plan.order, plan.dx, plan.dy, flips)
 
 
 def pad_images(images: torch.Tensor, pad: int = PAD, mode: str = "zeros") -> torch.Tensor:

@@ -95,9 +95,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="the slow average's per-step decay at the end of the run; default 0.95")
     p.add_argument("--pad-mode", choices=["zeros", "reflect"],
                    help="border filling for translations (paper-cnn: zeros, fast: reflect)")
-    p.add_argument("--flip", choices=["random", "alternate"],
+    p.add_argument("--flip", choices=["random", "alternate", "alternate-seen"],
                    help="random: a coin per image and epoch; alternate: each image mirrored "
-                   "every other epoch (fast)")
+                   "every other epoch (fast); alternate-seen: every other time it is trained "
+                   "on (differs from alternate only under --select-fraction)")
     p.add_argument("--data", help="CIFAR-10 archive or folder (default: $CIFAR10_DATA, then "
                    "the cache folder)")
     p.add_argument("--download", action="store_true",
@@ -211,7 +212,7 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
     overrides = {"device": a.device, "mode": a.mode,
                  "model_kwargs": parse_model_args(a.model_arg)}
     for key in ("epochs", "batch_size", "lr", "downscale", "downscale_epochs", "low_res",
-                "low_res_epochs", "select_fraction", "select_from_epoch", "lookahead"):
+                "low_res_epochs", "select_fraction", "select_from_epoch", "lookahead", "flip"):
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
     out = time_to_accuracy(a.model, a.runs, data_path=a.data, target=a.target,
@@ -413,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--select-from-epoch", type=int, metavar="E")
     tb.add_argument("--lookahead", type=int, metavar="K",
                     help="override the recipe's Lookahead interval (0: off)")
+    tb.add_argument("--flip", choices=["random", "alternate", "alternate-seen"],
+                    help="override the recipe's mirroring (see `cifarcnn train --help`)")
     tb.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     tb.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"])
     tb.add_argument("--keep", metavar="DIR", help="keep the run folders here")

@@ -45,7 +45,7 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PAD_MODES = ("zeros", "reflect")
-FLIP_MODES = ("random", "alternate")  # see augment.epoch_plan
+FLIP_MODES = ("random", "alternate", "alternate-seen")  # see augment.epoch_plan
 TTA_MODES = ("none", "flip", "flip-shift")  # the views are defined in inference.TTA_VIEWS
 EXEC_MODES = ("eager", "compile", "trace", "script")  # see modes.py
 

@@ -339,6 +339,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     # seen yet counts as hardest. Only the loss values move between ranks, once an epoch.
     selecting = cfg.select_fraction < 1
     remembered = torch.full((n,), math.inf, device=device) if selecting else None
+    # --flip alternate-seen: how many epochs each image was trained in before this one
+    times_seen = torch.zeros(n, dtype=torch.long) if cfg.flip == "alternate-seen" else None
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     # Traced and scripted graphs get their bf16 casts from the JIT's autocast pass, which
     # expects fp32 inputs; eager and compiled models take bf16 images directly.
@@ -392,6 +394,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         history, train_seconds = ckpt["history"], ckpt["train_seconds"]
         if selecting:
             remembered = ckpt["remembered_losses"].to(device)
+        if times_seen is not None:
+            times_seen = ckpt["times_seen"]
         start_epoch, start_step, partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
         if lookahead is not None:
             lookahead.load_state_dict(ckpt["lookahead"])
@@ -427,7 +431,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                  "rng_ranks": rngs, "epoch": epoch, "step": step,
                  "partial": None if parts is None else {"ranks": parts},
                  "history": history, "train_seconds": train_seconds, "config": cfg.to_dict(),
-                 "remembered_losses": remembered,
+                 "remembered_losses": remembered, "times_seen": times_seen,
                  "lookahead": None if lookahead is None else lookahead.state_dict(),
                  "world_size": world.size}
         checkpoint.save(run / checkpoint.LAST, state)
@@ -456,6 +460,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                 # the choice depends on the losses remembered at the epoch's start only, so
                 # a run resumed mid-epoch makes it again identically
                 plan = plan.subset(augment.hardest(remembered, count).cpu())
+            if times_seen is not None:  # counts from the epoch's start, as the choice above
+                plan = augment.flips_by_times_seen(plan, cfg.seed, times_seen)
             order, dx, dy, flip = (t.to(device) for t in (plan.order, plan.dx, plan.dy, plan.flip))
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
@@ -530,6 +536,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             train_seconds += time.perf_counter() - t0
             bar.close()
             guard.check(run)
+            if times_seen is not None:
+                times_seen[plan.order] += 1
             if selecting:
                 # ranks trained on disjoint images: their sums are everyone's losses
                 fresh = distributed.all_reduce_sum(fresh, world)

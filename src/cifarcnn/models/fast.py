@@ -188,7 +188,7 @@ class DenseConv(torch.autograd.Function):
     At 1x1 and 2x2 every block is a real tap, so the products do exactly the
     conv's multiply-adds; at 3x3 1.65 times as many. oneDNN runs these maps far
     below its rate on larger ones: on the AMX Xeon the dense products were
-    measured ~10x faster at 1x1, ~4x at 2x2 and 1.2-2x at 3x3 (docs/fast-recipe.md,
+    measured ~10x faster at 1x1, ~4x at 2x2 and 1.0-1.25x at 3x3 (docs/fast-recipe.md,
     "A thirteenth round"). Under autocast it computes in the autocast dtype.
     """
 
