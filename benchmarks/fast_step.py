@@ -2,10 +2,11 @@
 
     python benchmarks/fast_step.py [--widths 48,192,256 64,256,256] [--batch 500]
         [--res 32 24] [--model-arg KEY=VALUE] [--frozen-whiten] [--compile] [--profile]
-        [--matmul] [--layers] [--native] [--device cpu]
+        [--matmul] [--layers] [--native] [--device cpu] [--precision auto|fp32|bf16]
 
 A step is what the training loop does per batch: forward and backward under
-autocast (bf16 on CPU), channels_last, then a MuonSGD step, on random
+autocast (bf16 on a CPU that has it, else fp32: --precision auto, as in training),
+channels_last, then a MuonSGD step, on random
 images (speed does not depend on the pixels), with the training loop's
 allocator settings (cifarcnn.perf). Prints ms per step, images/s
 and the seconds one 50,000-image epoch takes at that rate; --model-arg passes
@@ -63,8 +64,8 @@ def resident_mib() -> float:
 
 
 def make_step(widths: tuple[int, ...], batch: int, res: int, device: str, compiled: bool,
-              model_args: dict | None = None, frozen_whiten: bool = False
-              ) -> Callable[[], None]:
+              model_args: dict | None = None, frozen_whiten: bool = False,
+              precision: str = "auto") -> Callable[[], None]:
     """One training step of a fresh model on a fixed random batch, as a function."""
     model = build_model("fast", widths=list(widths), **(model_args or {})).to(device).to(
         memory_format=torch.channels_last)
@@ -73,7 +74,7 @@ def make_step(widths: tuple[int, ...], batch: int, res: int, device: str, compil
     opt = MuonSGD([g for g in model.optimizer_groups(batch, 0.24)
                    if any(p.requires_grad for p in g["params"])])
     net = torch.compile(model) if compiled else model
-    dtype = amp_dtype(resolve_precision("auto", device))
+    dtype = amp_dtype(resolve_precision(precision, device))
     x = torch.randn(batch, 3, res, res, device=device).to(
         dtype or torch.float32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -92,9 +93,10 @@ def make_step(widths: tuple[int, ...], batch: int, res: int, device: str, compil
 
 def step_time(widths: tuple[int, ...], batch: int, res: int, device: str, compiled: bool,
               steps: int, model_args: dict | None = None,
-              frozen_whiten: bool = False) -> tuple[float, float, float]:
+              frozen_whiten: bool = False, precision: str = "auto"
+              ) -> tuple[float, float, float]:
     """(best seconds per step, one-time compile seconds, page faults per timed step)."""
-    one = make_step(widths, batch, res, device, compiled, model_args, frozen_whiten)
+    one = make_step(widths, batch, res, device, compiled, model_args, frozen_whiten, precision)
     t0 = time.perf_counter()
     one()
     first = time.perf_counter() - t0
@@ -153,13 +155,13 @@ def conv_times(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
 
 
 def layer_times(widths: tuple[int, ...], batch: int, res: int, device: str, steps: int,
-                model_args: dict | None = None) -> list[tuple[str, float, float, float, float,
-                                                               int]]:
+                model_args: dict | None = None, precision: str = "auto"
+                ) -> list[tuple[str, float, float, float, float, int]]:
     """Per conv of the groups: (name, forward s, input-gradient s, filter-gradient s,
     im2col filter-gradient s, multiply-adds inside the image), each the best of
     `steps` on random tensors."""
     model = build_model("fast", widths=list(widths), **(model_args or {})).to(device)
-    dtype = amp_dtype(resolve_precision("auto", device)) or torch.float32
+    dtype = amp_dtype(resolve_precision(precision, device)) or torch.float32
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str):  # a hook that returns None leaves the output alone
@@ -296,6 +298,8 @@ def main() -> None:
                     help="the fused pool/BatchNorm/GELU kernels against PyTorch's layers: per "
                          "site, and whole steps of the first widths and batch, interleaved")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="as the training loop's: auto is bf16 where the CPU has it, else fp32")
     a = ap.parse_args()
     try:
         model_args = parse_model_args(a.model_arg)
@@ -304,7 +308,7 @@ def main() -> None:
     perf.tune_allocator()  # as the training loop does (CIFARCNN_NO_MALLOPT=1: off)
     device = resolve_device(a.device)
     if a.matmul:
-        dtype = amp_dtype(resolve_precision("auto", device)) or torch.float32
+        dtype = amp_dtype(resolve_precision(a.precision, device)) or torch.float32
         for n in (1024, 2048, 4096):
             print(f"matmul {n}x{n} {str(dtype).removeprefix('torch.')}: "
                   f"{matmul_tflops(n, device, dtype, a.steps):.2f} TFLOP/s", flush=True)
@@ -316,7 +320,7 @@ def main() -> None:
             for res in a.res:
                 for compiled in (False, True) if a.compile else (False,):
                     t, setup, faults = step_time(widths, batch, res, device, compiled, a.steps,
-                                                 model_args, a.frozen_whiten)
+                                                 model_args, a.frozen_whiten, a.precision)
                     print(f"{w:<12} {batch:>5} {res:>4} {'compile' if compiled else 'eager':<8} "
                           f"{t * 1e3:>8.1f} {batch / t:>7.0f} {50_000 / batch * t:>8.1f} "
                           f"{setup:>9.1f} {faults:>11.0f} {resident_mib():>8.0f}", flush=True)
@@ -324,7 +328,7 @@ def main() -> None:
         print(f"\n{'conv':<24} {'fwd ms':>7} {'TF/s':>5} {'dinput':>7} {'TF/s':>5} "
               f"{'dweight':>7} {'TF/s':>5} {'im2col':>7} {'TF/s':>5}")
         for name, *times, macs in layer_times(a.widths[0], a.batch[0], a.res[0], device,
-                                               a.steps, model_args):
+                                               a.steps, model_args, a.precision):
             cells = " ".join(f"{t * 1e3:>7.2f} {2 * macs / t / 1e12:>5.2f}" for t in times)
             print(f"{name:<24} {cells}", flush=True)
     if a.native and device == "cpu":
@@ -353,7 +357,7 @@ def main() -> None:
                                                else [])
         with profile(activities=activities) as prof:
             step_time(a.widths[0], a.batch[0], a.res[0], device, False, 2, model_args,
-                      a.frozen_whiten)
+                      a.frozen_whiten, a.precision)
         table = prof.key_averages()
         print(table.table(sort_by="self_cpu_time_total", row_limit=12))
         if device == "cuda":

@@ -103,14 +103,17 @@ def test_shipped_weights_reach_their_recorded_accuracy(real_data, model):
     """The recorded count, to within a few of the 10,000 images: another CPU's kernels sum
     in another order (an Intel Xeon with AMX flipped one borderline image of paper-mlp's
     against the AMD machine that made the record), and a test that demanded the last
-    image would fail on hardware, not on the weights."""
+    image would fail on hardware, not on the weights. On a CPU without bf16 hardware the
+    bf16-trained weights are served in fp32 (inference.Classifier), which moved paper-mlp's
+    count by 9 on an AVX2 AMD EPYC: there the allowance is 20 (0.2 points)."""
     from cifarcnn.weights import REPO_WEIGHTS
 
     record = json.loads((REPO_WEIGHTS / f"{model}.json").read_text())
     clf = cifarcnn.load(model)
     probs = clf.predict(real_data.test_images)
     correct = int((probs.argmax(1) == real_data.test_labels).sum())
-    assert abs(correct - record["val_correct"]) <= 5, (correct, record["val_correct"])
+    allowed = 5 if clf.precision == record["precision"] else 20
+    assert abs(correct - record["val_correct"]) <= allowed, (correct, record["val_correct"])
 
 
 def test_bad_config_values_are_clear_errors():

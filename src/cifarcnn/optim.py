@@ -21,17 +21,28 @@ from typing import Any
 
 import torch
 
+# absolute: benchmarks/muon_step.py loads a copy of this file on its own, as a baseline
+from cifarcnn.config import cpu_has_bf16
+
 # Quintic Newton-Schulz coefficients tuned for speed over exactness (Jordan, 2024): three
 # iterations push every singular value into roughly [0.7, 1.2], which trains as well as
 # an exact orthogonalisation at a fraction of the cost.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """The iteration's dtype: bf16 where the device multiplies it in hardware (a GPU, a CPU
+    with AVX512-BF16 or AMX), else fp32. On an AVX2-only AMD EPYC, PyTorch's emulated bf16
+    products ran ~50x slower than fp32's, and the iteration took ~1.5 s of a 2 s step."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
     """Approximately U V^T of g = U S V^T (g 2-D), in bf16 where the device runs it natively."""
     a, b, c = NS_COEFFS
-    dtype = torch.bfloat16 if g.device.type in ("cuda", "cpu") else torch.float32
-    x = g.to(dtype)
+    x = g.to(ns_dtype(g.device))
     x = x / (x.norm() + eps)  # all singular values <= 1: inside the iteration's basin
     tall = x.size(0) > x.size(1)
     if tall:
@@ -56,7 +67,7 @@ def orthogonalize_stacked(gs: list[torch.Tensor], steps: int = 3,
     launches saved, so MuonSGD uses this on CUDA only.
     """
     a, b, c = NS_COEFFS
-    dtype = torch.bfloat16 if gs[0].device.type in ("cuda", "cpu") else torch.float32
+    dtype = ns_dtype(gs[0].device)
     tall = [g.size(0) > g.size(1) for g in gs]
     mats = [g.T if t else g for g, t in zip(gs, tall, strict=True)]
     rows, cols = max(m.size(0) for m in mats), max(m.size(1) for m in mats)
