@@ -119,3 +119,18 @@ def test_predict_any_image_and_unreadable_image(trained, tmp_path):
     assert_one_line_error(r, "broken.png", "not a readable image")
     r = run("predict", "--weights", str(tmp / "run"), str(tmp_path / "absent.png"))
     assert_one_line_error(r, "absent.png")
+
+
+def test_our_warnings_print_as_one_line_without_a_source_path(monkeypatch, capsys):
+    """cifarcnn's own warnings (here: bf16 asked for on a CPU that emulates it) read as the
+    CLI's other messages do; the error that follows is unchanged."""
+    from cifarcnn import cli, config
+
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)
+    code = cli.main(["train", "--model", "paper-cnn", "--precision", "bf16",
+                     "--data", "/nonexistent", "--out", "/nonexistent-run"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert err[0].startswith("cifarcnn train: warning: --precision bf16 on a CPU without bf16")
+    assert err[1].startswith("cifarcnn train: error: --data /nonexistent")
+    assert len(err) == 2 and "config.py" not in "\n".join(err)

@@ -11,8 +11,10 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import CifarError
 
@@ -454,8 +456,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     from .checkpoint import Interrupted
 
+    plain = warnings.showwarning
+
+    def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+        """Our own warnings as one line, without the source path and line a user can't act
+        on; other libraries' in their usual form."""
+        if str(message).startswith("cifarcnn: "):
+            print(f"cifarcnn {args.command}: warning: {str(message).removeprefix('cifarcnn: ')}",
+                  file=sys.stderr)
+        else:
+            plain(message, category, filename, lineno, file, line)
+
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return COMMANDS[args.command](args)
     except Interrupted as e:
         print(f"cifarcnn {args.command}: {e}", file=sys.stderr)
         return e.exit_code

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +229,10 @@ def resolve_precision(name: str, device: str) -> str:
         if name == "fp16" and device == "cpu":
             raise CifarError("--precision fp16 is not supported for training on CPU; "
                              "use bf16 or fp32")
+        if name == "bf16" and device == "cpu" and not cpu_has_bf16():
+            warnings.warn("cifarcnn: --precision bf16 on a CPU without bf16 hardware: PyTorch "
+                          "emulates it, 8-40x slower than fp32 for convolutions (README, "
+                          "'A third CPU'); --precision auto picks fp32 here", stacklevel=2)
         return name
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
