@@ -658,6 +658,19 @@ def test_time_to_accuracy_benchmark_prints_the_table_and_writes_json(tmp_path):
     table = subprocess.run([sys.executable, "-m", "cifarcnn", "results",
                             str(tmp_path / "kept")], capture_output=True, text=True)
     assert table.returncode == 0 and "2 of 2 runs finished" in table.stdout
+    # a confirming run on another seed, kept beside the first two
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_accuracy.py"),
+                        "--runs", "1", "--seed", "5", "--data", str(arc), "--epochs", "1",
+                        "--batch-size", "100", "--model-arg", "widths=[8,16,16]",
+                        "--flip", "alternate-seen", "--json", str(out),
+                        "--keep", str(tmp_path / "kept")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [run["seed"] for run in json.loads(out.read_text())["runs"]] == [5]
+    assert "seed 5: accuracy" in r.stdout
+    table = subprocess.run([sys.executable, "-m", "cifarcnn", "results",
+                            str(tmp_path / "kept")], capture_output=True, text=True)
+    assert "3 of 3 runs finished" in table.stdout and "seed-5" in table.stdout
 
 
 def test_tta_views_benchmark_scores_the_recipe_views_as_training_does(tmp_path):

@@ -10,6 +10,7 @@ from test_train import tiny_data
 
 from cifarcnn.cli import main
 from cifarcnn.config import TrainConfig
+from cifarcnn.errors import CifarError
 from cifarcnn.experiment import results_table, run_experiment
 from cifarcnn.report import build_report
 from cifarcnn.train import train
@@ -45,6 +46,27 @@ def test_experiment_table_and_skipping_finished_runs(tmp_path, data, capsys):
     assert table.count("| seed-") == 3
     for needle in ("mean ± std", "| min |", "| max |", "best val accuracy", "seconds"):
         assert needle in table
+
+
+def test_experiment_from_another_first_seed_adds_to_the_same_folder(tmp_path, data, capsys):
+    """--seed S trains seeds S..S+R-1: a confirming benchmark on new seeds, added to the
+    folder of the first one, whose table then counts every seed asked for."""
+    exp = tmp_path / "exp"
+    run_experiment(TrainConfig(**CFG), 2, exp, data=data, quiet=True)
+    capsys.readouterr()
+    rows = run_experiment(TrainConfig(**CFG, seed=3), 2, exp, data=data)
+    out = capsys.readouterr().out
+    assert "run 1/2 (seed 3)" in out and "run 2/2 (seed 4)" in out
+    assert [r["seed"] for r in rows] == [3, 4]  # only the runs asked for now
+    assert sorted(p.name for p in exp.glob("seed-*")) == ["seed-0", "seed-1", "seed-3", "seed-4"]
+    assert json.loads((exp / "experiment.json").read_text())["seeds"] == [0, 1, 3, 4]
+    assert "4 of 4 runs finished" in results_table(exp)
+    # asking again for fewer seeds forgets none of them
+    assert len(run_experiment(TrainConfig(**CFG), 1, exp, data=data, quiet=True)) == 1
+    assert "4 of 4 runs finished" in results_table(exp)
+    with pytest.raises(CifarError, match="--seed -1"):
+        run_experiment(TrainConfig(**CFG, seed=-1), 1, tmp_path / "neg", data=data)
+    assert not (tmp_path / "neg").exists()  # refused before the folder was written
 
 
 def test_interrupted_run_of_an_experiment_is_resumed(tmp_path, data):

@@ -34,10 +34,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_experiment_and_report(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("experiment", help="R seeded runs of one config, then a results table",
-                       description="Train seeds 0..R-1 into one folder (--out). Run it again "
-                       "to continue an interrupted experiment: finished runs are skipped.")
+                       description="Train seeds S..S+R-1 (--seed S, default 0) into one "
+                       "folder (--out). Run it again to continue an interrupted experiment: "
+                       "finished runs are skipped.")
     _train_flags(e)
-    e.add_argument("--runs", type=int, default=3, help="number of runs (seeds 0..R-1)")
+    e.add_argument("--runs", type=int, default=3, help="number of runs (seeds S..S+R-1)")
     r = sub.add_parser("results", help="the results table of an experiment folder")
     r.add_argument("experiment", help="folder written by `cifarcnn experiment`")
     rep = sub.add_parser("report", help="HTML/Markdown report with charts from run and "
@@ -211,7 +212,7 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
 
     if a.target is not None and not 0 < a.target <= 1:
         raise CifarError(f"--target {a.target}: give an accuracy between 0 and 1 (e.g. 0.91)")
-    overrides = {"device": a.device, "mode": a.mode,
+    overrides = {"device": a.device, "mode": a.mode, "seed": a.seed,
                  "model_kwargs": parse_model_args(a.model_arg)}
     for key in ("epochs", "batch_size", "lr", "downscale", "downscale_epochs", "low_res",
                 "low_res_epochs", "select_fraction", "select_from_epoch", "lookahead", "flip"):
@@ -396,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "without TTA, training seconds, mean ± std")
     tb.add_argument("--model", default="fast")
     tb.add_argument("--runs", type=int, default=3)
+    tb.add_argument("--seed", type=int, default=0, metavar="S",
+                    help="first seed: the runs are seeds S..S+R-1 (a confirming benchmark "
+                    "on other seeds)")
     tb.add_argument("--data", help="CIFAR-10 archive or folder")
     tb.add_argument("--target", type=float, metavar="ACC",
                     help="report when the mean validation accuracy first reached ACC (0-1)")

@@ -134,6 +134,8 @@ class TrainConfig:
                 raise CifarError(f"--{name} {value!r}: choose one of {', '.join(choices)}")
         if c.epochs < 1 or c.batch_size < 1:
             raise CifarError("--epochs and --batch-size must be at least 1")
+        if c.seed < 0:  # run folders (seed-<i>) and the augmentation seeds assume it
+            raise CifarError(f"--seed {c.seed}: give a seed of 0 or more")
         if not 0 <= c.translate <= 8:
             raise CifarError(f"--translate {c.translate}: choose 0 to 8 pixels")
         if c.downscale and not (8 <= c.downscale <= 32 and c.downscale_epochs >= 0):

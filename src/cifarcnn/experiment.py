@@ -1,9 +1,10 @@
 """Experiments: R seeds of one training config in one folder, and their results table.
 
-Layout: `<dir>/experiment.json` (the config, the number of runs) and one run
-directory per seed, `<dir>/seed-<i>/`. Running the same experiment again
-skips finished runs (summary.json present) and resumes an interrupted one
-from its checkpoint, so a killed experiment continues where it stopped.
+Layout: `<dir>/experiment.json` (the config, the seeds asked for) and one run
+directory per seed, `<dir>/seed-<i>/` (seeds 0..R-1, or from `--seed S` on).
+Running the same experiment again skips finished runs (summary.json present)
+and resumes an interrupted one from its checkpoint, so a killed experiment
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -37,15 +38,20 @@ def is_run(path: Path) -> bool:
 
 def run_experiment(cfg: TrainConfig, runs: int, out: Path, data: CifarData | None = None,
                    quiet: bool = False) -> list[dict[str, Any]]:
-    """Train seeds 0..runs-1 of `cfg` into `out`; returns the finished runs' summaries."""
+    """Train seeds cfg.seed..cfg.seed+runs-1 of `cfg` into `out`; returns those runs'
+    summaries. A first seed other than 0 adds seeds to an experiment with the same
+    settings (a confirming benchmark on other seeds), or starts one elsewhere."""
     from .datasets import load_cifar10
     from .train import resume, train
 
     if runs < 1:
         raise CifarError(f"--runs {runs}: must be at least 1")
-    spec = {"model": cfg.model, "runs": runs,
-            "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                       if k not in ("seed", "out", "data")}}
+    cfg.resolved()  # bad settings stop here, before the folder is written
+    seeds = range(cfg.seed, cfg.seed + runs)
+    asked = set(seeds)  # with the seeds asked for before: the table counts them all
+    spec: dict[str, Any] = {"model": cfg.model, "runs": runs,
+                            "config": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                       if k not in ("seed", "out", "data")}}
     if (out / META).is_file():
         old = read_json(out / META, required=("config",))
         if not isinstance(old["config"], dict):
@@ -58,24 +64,29 @@ def run_experiment(cfg: TrainConfig, runs: int, out: Path, data: CifarData | Non
         if recorded != spec["config"]:
             raise CifarError(f"--out {out}: holds an experiment with other settings "
                              f"({_diff(recorded, spec['config'])}); choose another --out")
+        before = old.get("seeds")  # absent before first seeds other than 0 existed
+        if not (isinstance(before, list) and all(type(v) is int for v in before)):
+            before = range(old["runs"]) if type(old.get("runs")) is int else []
+        asked.update(before)
     elif out.exists() and any(out.iterdir()):
         raise CifarError(f"--out {out}: exists and is not an experiment folder; choose another")
+    spec.update(runs=len(asked), seeds=sorted(asked))
     out.mkdir(parents=True, exist_ok=True)
     (out / META).write_text(json.dumps(spec, indent=2) + "\n")
     data = data or load_cifar10(cfg.data, cfg.download, skip_bad_images=cfg.skip_bad_images,
                                 verbose=not quiet)
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
-    for seed in range(runs):
+    for i, seed in enumerate(seeds):
         run = out / f"seed-{seed}"
         if (run / "summary.json").is_file():
-            say(f"run {seed + 1}/{runs} (seed {seed}): finished earlier, skipped")
+            say(f"run {i + 1}/{runs} (seed {seed}): finished earlier, skipped")
             continue
-        say(f"run {seed + 1}/{runs} (seed {seed})")
+        say(f"run {i + 1}/{runs} (seed {seed})")
         if (run / "config.json").is_file():
             resume(run, data=data, quiet=quiet)
         else:
             train(dataclasses.replace(cfg, seed=seed, out=str(run)), data=data, quiet=quiet)
-    return summaries(out)
+    return [s for s in summaries(out) if s["seed"] in seeds]
 
 
 def _diff(a: dict, b: dict) -> str:

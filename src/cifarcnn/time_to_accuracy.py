@@ -24,7 +24,8 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
                      data_path: str | None = None, target: float | None = None,
                      overrides: dict[str, Any] | None = None, keep: Path | None = None,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train `runs` seeds; returns {"runs": [...], "mean": ..., "target": ...}.
+    """Train `runs` seeds (from `overrides["seed"]`, default 0); returns {"runs": [...],
+    "mean": ..., "target": ...}.
 
     The runs form a `cifarcnn experiment` folder (`keep`, or a temporary one),
     so a kept benchmark feeds `cifarcnn results` and `cifarcnn report`, and an
@@ -42,7 +43,7 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
         histories = [read_history(root / s["run"]) for s in summaries]
         settings = read_json(root / summaries[0]["run"] / "config.json")
     results = []
-    for seed, s in enumerate(summaries):
+    for s in summaries:
         results.append({"seed": s["seed"], "accuracy": s["val_accuracy_no_tta"],
                         "tta_accuracy": s["val_accuracy"], "tta": s["tta"],
                         "train_seconds": s["train_seconds"],
@@ -51,7 +52,7 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
                         "precision": s["precision"],
                         "mode": s["mode"], "cpu": s["cpu"], "threads": s["threads"],
                         "torch": s["torch"]})
-        log(f"seed {seed}: accuracy {s['val_accuracy_no_tta']:.2%}, with TTA "
+        log(f"seed {s['seed']}: accuracy {s['val_accuracy_no_tta']:.2%}, with TTA "
             f"({s['tta']}) {s['val_accuracy']:.2%}, {s['train_seconds']:.1f}s training"
             + (f" (+{s['setup_seconds']:.1f}s set-up)" if s["setup_seconds"] else ""))
     # what the runs trained with (the recipe plus the flags given), so a result file
