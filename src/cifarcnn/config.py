@@ -216,7 +216,8 @@ def resolve_device(name: str) -> str:
 @functools.cache
 def cpu_has_bf16() -> bool:
     """True where oneDNN runs bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated,
-    and its convolutions and matrix products ran 5-50x slower than fp32 (an AVX2 AMD EPYC)."""
+    and on an AVX2 AMD EPYC its convolutions ran 8-40x slower than fp32, its matrix products
+    50-100x."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
