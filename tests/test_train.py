@@ -118,7 +118,7 @@ def test_shipped_weights_reach_their_recorded_accuracy(real_data, model):
 
 def test_precision_on_a_cpu_without_bf16_hardware(monkeypatch):
     """auto trains in fp32 there; an explicit bf16 still trains as asked, with a warning
-    that it is emulated (8-40x slower convolutions on an AVX2 AMD EPYC)."""
+    that it is emulated (5-65x slower convolutions on an AVX2 AMD EPYC)."""
     import warnings
 
     from cifarcnn import config

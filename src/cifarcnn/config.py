@@ -216,7 +216,7 @@ def resolve_device(name: str) -> str:
 @functools.cache
 def cpu_has_bf16() -> bool:
     """True where oneDNN runs bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated,
-    and on an AVX2 AMD EPYC its convolutions ran 8-40x slower than fp32, its matrix products
+    and on an AVX2 AMD EPYC its convolutions ran 5-65x slower than fp32, its matrix products
     50-100x."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -234,7 +234,7 @@ def resolve_precision(name: str, device: str) -> str:
                              "use bf16 or fp32")
         if name == "bf16" and device == "cpu" and not cpu_has_bf16():
             warnings.warn("cifarcnn: --precision bf16 on a CPU without bf16 hardware: PyTorch "
-                          "emulates it, 8-40x slower than fp32 for convolutions (README, "
+                          "emulates it, 5-65x slower than fp32 for convolutions (README, "
                           "'A third CPU'); --precision auto picks fp32 here", stacklevel=2)
         return name
     if device == "cuda":
