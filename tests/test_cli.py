@@ -53,6 +53,19 @@ def test_bad_resizing_flags(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_counts_below_one_are_refused_before_any_work(tmp_path, capsys):
+    from cifarcnn.cli import main
+
+    for argv, needle in ((["predict", "--weights", "fast", "--top", "0", "x.png"], "--top 0"),
+                         (["predict", "--weights", "fast", "--top", "-1", "x.png"], "--top -1"),
+                         (["train", "--nproc", "0", "--out", str(tmp_path / "r")],
+                          "--nproc 0: must be at least 1")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_weights(tmp_path):
     r = run("evaluate", "--weights", str(tmp_path / "none.safetensors"))
     assert_one_line_error(r, "none.safetensors", "no such file")

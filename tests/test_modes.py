@@ -11,6 +11,7 @@ from test_train import tiny_data
 
 from cifarcnn import modes
 from cifarcnn.config import TrainConfig
+from cifarcnn.errors import CifarError
 from cifarcnn.models import build_model
 from cifarcnn.train import train
 
@@ -118,6 +119,31 @@ def test_export_errors_are_clear(trained_run, tmp_path, capsys):
     assert main(["export", "--weights", str(trained_run), "--format", "onnx",
                  "--out", str(tmp_path / "m.pt"), "--no-check"]) == 2
     assert "must end in .onnx" in capsys.readouterr().err
+    assert main(["export", "--weights", str(trained_run), "--format", "onnx",
+                 "--check-images", "0"]) == 2
+    assert "--check-images 0: check at least 1 image" in capsys.readouterr().err
+
+
+def test_an_export_that_fails_its_check_is_not_written(trained_run, tmp_path, monkeypatch):
+    import cifarcnn
+    from cifarcnn import export as export_mod
+
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"an earlier export")
+    real = export_mod.load_exported
+
+    def off_by_a_little(path):  # the reloaded file answers differently from eager
+        loaded = real(path)
+        predict = loaded.predict
+        loaded.predict = lambda x: predict(x) + 1e-2
+        return loaded
+
+    monkeypatch.setattr(export_mod, "load_exported", off_by_a_little)
+    clf = cifarcnn.load(trained_run, device="cpu")
+    with pytest.raises(CifarError, match=r"differ from eager.*not written"):
+        export_mod.export(clf, "torchscript", out, check_images=tiny_data(10, 64).test_images)
+    assert out.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary left
 
 
 def test_predict_and_evaluate_accept_an_export(trained_run, tmp_path, capsys):

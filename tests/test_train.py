@@ -141,7 +141,15 @@ def test_bad_config_values_are_clear_errors():
                            ({"select_fraction": 1.5}, "--select-fraction"),
                            ({"select_fraction": 0.5, "select_from_epoch": 0},
                             "--select-fraction"), ({"lookahead": -1}, "--lookahead"),
-                           ({"lookahead": 5, "lookahead_decay": 1.0}, "--lookahead")):
+                           ({"lookahead": 5, "lookahead_decay": 1.0}, "--lookahead"),
+                           ({"lr": float("nan")}, "--lr nan: give a finite number"),
+                           ({"momentum": 5.0}, "--momentum 5.0"),
+                           ({"weight_decay": -1.0}, "--weight-decay -1.0"),
+                           ({"warmup_epochs": -1.0}, "--warmup-epochs -1.0"),
+                           ({"label_smoothing": 2.0}, "--label-smoothing 2.0"),
+                           ({"label_smoothing": -0.1}, "--label-smoothing -0.1"),
+                           ({"dist_timeout": 0.0}, "--dist-timeout 0.0"),
+                           ({"eval_batch_size": 0}, "eval_batch_size 0")):
         with pytest.raises(CifarError, match=needle):
             TrainConfig(**kwargs).resolved()
 

@@ -27,7 +27,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint, with its saved "
                    "config (--data may give the data's new location; other flags are ignored)")
-    p.add_argument("--nproc", type=int, default=0, metavar="N",
+    p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel on this machine: re-run this command under "
                    "`torchrun --standalone --nproc_per_node N` (--batch-size is per process)")
 
@@ -146,7 +146,7 @@ def parse_model_args(items: list[str]) -> dict:
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train import resume, train
 
-    if a.nproc:
+    if a.nproc is not None:
         return _relaunch_under_torchrun(a.nproc, a.argv)
     try:
         if a.resume:
@@ -293,6 +293,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .export import export
     from .inference import load
 
+    if not a.no_check and a.check_images < 1:
+        raise CifarError(f"--check-images {a.check_images}: check at least 1 image, or pass "
+                         "--no-check")
     clf = load(a.weights, device="cpu", tta=a.tta)
     if not hasattr(clf, "model"):
         raise CifarError(f"--weights {a.weights}: already an export; give safetensors weights")
@@ -316,6 +319,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from .inference import load
 
+    if a.top < 1:
+        raise CifarError(f"--top {a.top}: show at least 1 class per image")
     clf = load(a.weights, device=a.device, tta=a.tta)
     probs = clf.predict_files(a.images)
     k = min(a.top, len(clf.classes))

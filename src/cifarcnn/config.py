@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,8 +163,30 @@ class TrainConfig:
         if c.lookahead < 0 or not 0 <= c.lookahead_decay < 1:
             raise CifarError(f"--lookahead {c.lookahead} --lookahead-decay {c.lookahead_decay}: "
                              "choose every >= 0 steps (0: off) and a decay in [0, 1)")
+        # NaN passes every comparison below, so finiteness is checked first
+        for flag, value in (("--lr", c.lr), ("--momentum", c.momentum),
+                            ("--weight-decay", c.weight_decay),
+                            ("--warmup-epochs", c.warmup_epochs),
+                            ("--label-smoothing", c.label_smoothing),
+                            ("--lookahead-decay", c.lookahead_decay),
+                            ("--select-fraction", c.select_fraction),
+                            ("--dist-timeout", c.dist_timeout)):
+            if not math.isfinite(value):
+                raise CifarError(f"{flag} {value}: give a finite number")
         if c.lr <= 0:
             raise CifarError(f"--lr {c.lr}: must be positive")
+        if not 0 <= c.momentum < 1:
+            raise CifarError(f"--momentum {c.momentum}: choose a value in [0, 1)")
+        if c.weight_decay < 0 or c.warmup_epochs < 0:
+            raise CifarError(f"--weight-decay {c.weight_decay} --warmup-epochs "
+                             f"{c.warmup_epochs}: neither may be negative")
+        if not 0 <= c.label_smoothing < 1:
+            raise CifarError(f"--label-smoothing {c.label_smoothing}: choose a value in [0, 1)")
+        if c.dist_timeout <= 0:
+            raise CifarError(f"--dist-timeout {c.dist_timeout}: give a positive number of "
+                             "seconds")
+        if c.eval_batch_size < 1:
+            raise CifarError(f"eval_batch_size {c.eval_batch_size}: must be at least 1")
         if c.checkpoint_every < 0:
             raise CifarError(f"--checkpoint-every {c.checkpoint_every}: must be >= 0")
         if c.holdout < 0 or (c.limit_train is not None and c.limit_train < 1):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from . import archives, pickles
 from .errors import CifarError
@@ -91,7 +91,10 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     except CifarError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise CifarError(f"{name}: not a readable image ({e}); fix or remove the file"
+        # PIL names the in-memory buffer, not the file, when it knows no format for it
+        why = ("no image format PIL knows" if isinstance(e, UnidentifiedImageError)
+               else str(e))
+        raise CifarError(f"{name}: not a readable image ({why}); fix or remove the file"
                          " (training data: --skip-bad-images skips such files)") from None
 
 

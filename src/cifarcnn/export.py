@@ -83,34 +83,43 @@ def export(clf: Classifier, fmt: str, out: Path | None = None,
     if not out.parent.is_dir():
         raise CifarError(f"--out {out}: cannot write (folder {out.parent} does not exist); "
                          "create it or choose another path")
+    if check_images is not None and len(check_images) == 0:
+        raise CifarError("--check-images 0: check at least 1 image, or pass --no-check")
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    # the temporary file keeps the suffix, so it is checked (loaded by suffix) before
+    # it replaces `out`: a failed write or check leaves any earlier export untouched
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
     try:
-        if fmt == "torchscript":
+        try:
+            if fmt == "torchscript":
+                with torch.no_grad():
+                    graph = torch.jit.trace(net, example, check_trace=False)
+                torch.jit.save(graph, str(tmp), _extra_files={META_KEY: json.dumps(meta)})
+            else:
+                _export_onnx(net, example, tmp, meta)
+        except (OSError, RuntimeError) as e:  # torch.jit.save reports I/O as RuntimeError
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise CifarError(f"--out {out}: cannot write ({why}); choose a writable path"
+                             ) from None
+        report: dict[str, Any] = {"file": str(out), "format": fmt, "bytes": tmp.stat().st_size,
+                                  "tolerance": TOLERANCE}
+        if check_images is not None:
             with torch.no_grad():
-                graph = torch.jit.trace(net, example, check_trace=False)
-            torch.jit.save(graph, str(tmp), _extra_files={META_KEY: json.dumps(meta)})
-        else:
-            _export_onnx(net, example, tmp, meta)
-        os.replace(tmp, out)
-    except (OSError, RuntimeError) as e:  # torch.jit.save reports I/O as RuntimeError
-        tmp.unlink(missing_ok=True)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise CifarError(f"--out {out}: cannot write ({why}); choose a writable path") from None
+                expected = net(torch.from_numpy(np.ascontiguousarray(check_images))).numpy()
+            got = load_exported(tmp).predict(check_images)
+            report["checked_images"] = len(check_images)
+            report["max_abs_diff"] = float(np.abs(got - expected).max())
+            report["same_top1"] = float((got.argmax(1) == expected.argmax(1)).mean())
+            if report["max_abs_diff"] > TOLERANCE:
+                raise CifarError(f"{out}: exported outputs differ from eager by "
+                                 f"{report['max_abs_diff']:.2e} (> {TOLERANCE:g}); not written")
+        try:
+            os.replace(tmp, out)
+        except OSError as e:
+            raise CifarError(f"--out {out}: cannot write ({e.strerror}); choose a writable "
+                             "path") from None
     finally:
         tmp.unlink(missing_ok=True)
-    report: dict[str, Any] = {"file": str(out), "format": fmt, "bytes": out.stat().st_size,
-                              "tolerance": TOLERANCE}
-    if check_images is not None:
-        with torch.no_grad():
-            expected = net(torch.from_numpy(np.ascontiguousarray(check_images))).numpy()
-        got = load_exported(out).predict(check_images)
-        report["checked_images"] = len(check_images)
-        report["max_abs_diff"] = float(np.abs(got - expected).max())
-        report["same_top1"] = float((got.argmax(1) == expected.argmax(1)).mean())
-        if report["max_abs_diff"] > TOLERANCE:
-            raise CifarError(f"{out}: exported outputs differ from eager by "
-                             f"{report['max_abs_diff']:.2e} (> {TOLERANCE:g}); do not deploy it")
     return report
 
 
