@@ -134,6 +134,19 @@ def test_report_shows_the_modes_table(exp_and_run, data, tmp_path):
         (tmp_path / "r" / "report.md").read_text()
 
 
+@pytest.mark.parametrize(("text", "says"), [
+    ("not json", "Expecting value"), ('{"rows": [{"device": "cpu"}]}', "no 'mode'"),
+    ('{"rows": 3}', "not iterable"), ("[]", "list indices")])
+def test_a_bad_modes_file_is_refused_before_anything_is_written(exp_and_run, tmp_path, text,
+                                                               says):
+    modes = tmp_path / "modes.json"
+    modes.write_text(text)
+    with pytest.raises(CifarError, match=f"--modes {modes}: not a `bench modes`.*{says}"):
+        # data=None: were the modes read late, the report would first look for CIFAR-10
+        build_report([exp_and_run[1]], tmp_path / "r", modes_json=modes)
+    assert not (tmp_path / "r").exists()
+
+
 def test_not_a_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2

@@ -205,18 +205,21 @@ def chart_mistakes(src: Source, data: CifarData, probs: np.ndarray, out: Path,
 
 
 def _modes_table(modes_json: Path) -> str:
-    try:
-        rows = json.loads(Path(modes_json).read_text())["rows"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise CifarError(f"--modes {modes_json}: not a `bench modes` modes.json ({e})") from None
     lines = ["| device | mode | epochs | runs | train best (s) | worst (s) | set-up (s) | "
              "inference img/s | latency p50 (ms) | p99 (ms) |", "|" + "---|" * 10]
-    for r in rows:
-        t = (f"{r['train_best_s']:.1f} | {r['train_worst_s']:.1f} | {r['setup_s']:.1f}"
-             if "train_best_s" in r else "- | - | -")
-        lines.append(f"| {r['device']} | {r['mode']} | {r.get('epochs', '-')} | "
-                     f"{r.get('runs', '-')} | {t} | {r['images_per_second']:,.0f} | "
-                     f"{r['latency_p50_ms']:.3f} | {r['latency_p99_ms']:.3f} |")
+    # a missing key or a wrong type anywhere in the file is the same one-line error
+    try:
+        for r in json.loads(Path(modes_json).read_text())["rows"]:
+            t = (f"{r['train_best_s']:.1f} | {r['train_worst_s']:.1f} | {r['setup_s']:.1f}"
+                 if "train_best_s" in r else "- | - | -")
+            lines.append(f"| {r['device']} | {r['mode']} | {r.get('epochs', '-')} | "
+                         f"{r.get('runs', '-')} | {t} | {r['images_per_second']:,.0f} | "
+                         f"{r['latency_p50_ms']:.3f} | {r['latency_p99_ms']:.3f} |")
+    except (OSError, KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (
+            f"no {e}" if isinstance(e, KeyError) else str(e))
+        raise CifarError(f"--modes {modes_json}: not a `bench modes` modes.json ({why})"
+                         ) from None
     return "\n".join(lines)
 
 
@@ -246,6 +249,8 @@ def build_report(dirs: list[Path], out: Path, data: CifarData | None = None,
 
     if not dirs:
         raise CifarError("give at least one run or experiment folder")
+    # every input is read and checked before the slow part (a test-set pass per source)
+    modes = _modes_table(Path(modes_json)) if modes_json else None
     sources = [load_source(Path(d)) for d in dirs]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):  # two folders with one name: make them distinct
@@ -270,9 +275,8 @@ def build_report(dirs: list[Path], out: Path, data: CifarData | None = None,
                      ("p", f"Test-set analysis of {_best_run(s).name} (TTA: {clf.tta})."),
                      ("img", chart_confusion(s, data, probs, out)),
                      ("img", chart_mistakes(s, data, probs, out))]
-    if modes_json:
-        sections += [("h2", "Execution modes (cifarcnn bench modes)"),
-                     ("table", _modes_table(Path(modes_json)))]
+    if modes:
+        sections += [("h2", "Execution modes (cifarcnn bench modes)"), ("table", modes)]
     _write_markdown(sections, out / "report.md")
     return _write_html(sections, out / "report.html")
 
