@@ -66,6 +66,56 @@ def test_counts_below_one_are_refused_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_paths_that_cannot_take_the_results_stop_the_command_before_training(tmp_path,
+                                                                             capsys):
+    from cifarcnn.cli import main
+
+    a_file = tmp_path / "file"
+    a_file.write_text("kept")
+    nowhere = tmp_path / "no" / "such" / "folder" / "out.json"
+    # --data does not exist either: the output paths are checked first
+    data = ["--data", str(tmp_path / "no-data")]
+    for argv, needle in (
+            (["bench", "time-to-accuracy", "--json", str(nowhere), *data],
+             f"--json {nowhere}: the folder {nowhere.parent} does not exist"),
+            (["bench", "time-to-accuracy", "--json", str(tmp_path), *data],
+             f"--json {tmp_path}: is a folder"),
+            (["bench", "time-to-accuracy", "--keep", str(a_file), *data],
+             f"--keep {a_file}: exists and is not a folder"),
+            (["bench", "modes", "--out", str(a_file), *data],
+             f"--out {a_file}: exists and is not a folder"),
+            (["experiment", "--out", str(a_file), *data],
+             f"--out {a_file}: exists and is not an experiment folder")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert a_file.read_text() == "kept"
+
+
+def test_an_interrupted_benchmark_says_whether_it_can_be_continued(tmp_path, monkeypatch):
+    from test_train import tiny_data
+
+    from cifarcnn import experiment
+    from cifarcnn.checkpoint import Interrupted
+    from cifarcnn.errors import CifarError
+    from cifarcnn.time_to_accuracy import time_to_accuracy
+
+    def stopped(cfg, runs, root, **kw):
+        raise Interrupted(15, f"SIGTERM: stopped at epoch 1, step 3; checkpoint written to "
+                              f"{root}/seed-0/ckpt-last.pt. Continue with: cifarcnn train "
+                              f"--resume {root}/seed-0")
+
+    monkeypatch.setattr(experiment, "run_experiment", stopped)
+    with pytest.raises(Interrupted) as e:  # a temporary folder: nothing to continue
+        time_to_accuracy("paper-cnn", 1, data=tiny_data(20, 10), log=lambda m: None)
+    assert e.value.exit_code == 143 and "--resume" not in str(e.value)
+    assert str(e.value).startswith("SIGTERM: stopped; the runs were in a temporary folder")
+    with pytest.raises(Interrupted, match="--resume") as e:  # a kept one: the usual hint
+        time_to_accuracy("paper-cnn", 1, data=tiny_data(20, 10), keep=tmp_path / "k",
+                         log=lambda m: None)
+    assert isinstance(e.value, CifarError)
+
+
 def test_missing_weights(tmp_path):
     r = run("evaluate", "--weights", str(tmp_path / "none.safetensors"))
     assert_one_line_error(r, "none.safetensors", "no such file")

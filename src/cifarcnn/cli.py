@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CifarError
+from .runfiles import check_output_file, check_output_folder, write_text_atomic
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -212,6 +213,10 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
 
     if a.target is not None and not 0 < a.target <= 1:
         raise CifarError(f"--target {a.target}: give an accuracy between 0 and 1 (e.g. 0.91)")
+    if a.json:
+        check_output_file("--json", Path(a.json))
+    if a.keep:
+        check_output_folder("--keep", Path(a.keep))
     overrides = {"device": a.device, "mode": a.mode, "seed": a.seed,
                  "model_kwargs": parse_model_args(a.model_arg)}
     for key in ("epochs", "batch_size", "lr", "downscale", "downscale_epochs", "low_res",
@@ -222,10 +227,7 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
                            overrides=overrides, keep=Path(a.keep) if a.keep else None,
                            log=lambda m: print(m, flush=True))
     if a.json:
-        try:
-            Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
-        except OSError as e:
-            raise CifarError(f"--json {a.json}: cannot write ({e.strerror})") from None
+        write_text_atomic("--json", Path(a.json), json.dumps(out, indent=2) + "\n")
         print(f"wrote {a.json}")
     return 0
 
@@ -447,6 +449,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     if a.runs < 1 or a.epochs < 1:
         raise CifarError("--runs and --epochs must be at least 1")
     devices = [d.strip() for d in a.devices.split(",")] if a.devices else None
+    check_output_folder("--out", Path(a.out))
     bench_modes(a.model, a.epochs, a.runs, data_path=a.data, limit_train=a.limit_train,
                 devices=devices, mode_list=chosen, out=Path(a.out),
                 log=lambda m: print(m, flush=True))

@@ -18,7 +18,7 @@ from typing import Any
 from .config import TrainConfig
 from .datasets import CifarData
 from .errors import CifarError
-from .runfiles import read_json, read_summary
+from .runfiles import check_output_folder, read_json, read_summary, write_text_atomic
 
 META = "experiment.json"
 
@@ -68,11 +68,12 @@ def run_experiment(cfg: TrainConfig, runs: int, out: Path, data: CifarData | Non
         if not (isinstance(before, list) and all(type(v) is int for v in before)):
             before = range(old["runs"]) if type(old.get("runs")) is int else []
         asked.update(before)
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CifarError(f"--out {out}: exists and is not an experiment folder; choose another")
+    check_output_folder("--out", out)
     spec.update(runs=len(asked), seeds=sorted(asked))
     out.mkdir(parents=True, exist_ok=True)
-    (out / META).write_text(json.dumps(spec, indent=2) + "\n")
+    write_text_atomic("--out", out / META, json.dumps(spec, indent=2) + "\n")
     data = data or load_cifar10(cfg.data, cfg.download, skip_bad_images=cfg.skip_bad_images,
                                 verbose=not quiet)
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))

@@ -9,6 +9,7 @@ TypeError from deep inside.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,42 @@ def read_history(run: Path) -> list[dict[str, Any]]:
     if not rows:
         raise CifarError(f"{path}: no epoch finished yet; report a run after its first epoch")
     return rows
+
+
+# ------------------------------------------------------------------ where results go
+# Benchmarks write their results only after minutes to hours of training: a path
+# that cannot take them must stop the command before the training, not after it.
+
+def check_output_folder(flag: str, path: Path) -> None:
+    """`path` is, or can be made, a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise CifarError(f"{flag} {path}: exists and is not a folder; choose another path")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CifarError(f"{flag} {path}: cannot create or write it ({ancestor} is not a "
+                         "writable folder); choose another path")
+
+
+def check_output_file(flag: str, path: Path) -> None:
+    """`path` can be written: its folder exists and is writable, and it is no folder."""
+    if path.is_dir():
+        raise CifarError(f"{flag} {path}: is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise CifarError(f"{flag} {path}: the folder {path.parent} does not exist; create it "
+                         "or choose another path")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CifarError(f"{flag} {path}: the folder {path.parent} is not writable; choose "
+                         "another path")
+
+
+def write_text_atomic(flag: str, path: Path, text: str) -> None:
+    """Write through a temporary file, so a failed write leaves any old file whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CifarError(f"{flag} {path}: cannot write ({e.strerror or e})") from None

@@ -8,12 +8,14 @@ which is reported apart. With a target, it also reports when the mean
 
 from __future__ import annotations
 
+import signal
 import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import Interrupted
 from .config import TrainConfig
 from .datasets import CifarData, load_cifar10
 from .errors import CifarError
@@ -39,7 +41,16 @@ def time_to_accuracy(model: str = "fast", runs: int = 3, data: CifarData | None 
     with tempfile.TemporaryDirectory(prefix="cifarcnn-tta-bench-") as tmp:
         root = keep or Path(tmp) / "exp"
         data = data or load_cifar10(data_path, verbose=True)
-        summaries = run_experiment(cfg, runs, root, data=data, quiet=True)
+        try:
+            summaries = run_experiment(cfg, runs, root, data=data, quiet=True)
+        except Interrupted as e:
+            if keep:
+                raise
+            # the checkpoint's folder is the temporary one, removed on the way out
+            signum = e.exit_code - 128
+            raise Interrupted(signum, f"{signal.Signals(signum).name}: stopped; the runs "
+                              "were in a temporary folder, now removed (with --keep DIR the "
+                              "same command continues an interrupted benchmark)") from None
         histories = [read_history(root / s["run"]) for s in summaries]
         settings = read_json(root / summaries[0]["run"] / "config.json")
     results = []
