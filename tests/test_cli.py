@@ -116,6 +116,24 @@ def test_an_interrupted_benchmark_says_whether_it_can_be_continued(tmp_path, mon
     assert isinstance(e.value, CifarError)
 
 
+def test_folders_without_weights_and_bad_labels_are_named(tmp_path):
+    import cifarcnn
+    from cifarcnn.errors import CifarError
+
+    with pytest.raises(CifarError, match=r"a folder without weights\.safetensors"):
+        cifarcnn.load(tmp_path)
+    (tmp_path / "ckpt-last.pt").write_bytes(b"")
+    with pytest.raises(CifarError, match=f"unfinished run .*train --resume {tmp_path}"):
+        cifarcnn.load(tmp_path)
+    clf = cifarcnn.load("paper-cnn")
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    for labels in (np.array([0, 10]), np.array([0]), np.array([0.0, 1.0]), np.array([[0, 1]]),
+                   np.array([-1, 0])):
+        with pytest.raises(CifarError, match="labels must be whole numbers 0-9, one per image"):
+            clf.evaluate(images, labels)
+    assert clf.evaluate(images, np.array([3, 3]))["accuracy"] in (0.0, 0.5, 1.0)
+
+
 def test_missing_weights(tmp_path):
     r = run("evaluate", "--weights", str(tmp_path / "none.safetensors"))
     assert_one_line_error(r, "none.safetensors", "no such file")

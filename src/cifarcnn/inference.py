@@ -177,8 +177,15 @@ class Classifier:
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray,
                  tta: str | bool | None = None) -> dict[str, Any]:
+        labels = np.asarray(labels)
+        # checked here: PyTorch's own errors would name neither the argument nor the fix
+        if (labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu"
+                or (len(labels) and not 0 <= labels.min() <= labels.max() < len(self.classes))):
+            raise CifarError(f"labels must be whole numbers 0-{len(self.classes) - 1}, one per "
+                             f"image: got {labels.dtype} of shape {labels.shape} for "
+                             f"{len(images)} images")
         return evaluate_arrays(self.model, torch.from_numpy(np.ascontiguousarray(images)),
-                               torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+                               torch.from_numpy(labels.astype(np.int64)),
                                device=self.device, precision=self.precision,
                                batch_size=self.batch_size, channels_last=self.channels_last,
                                tta=tta_mode(tta, self.tta))

@@ -51,6 +51,13 @@ def resolve_weights_path(spec: str | os.PathLike) -> Path:
         return shipped
     if p.is_dir() and (p / "weights.safetensors").is_file():
         return p / "weights.safetensors"
+    if p.is_dir() and (p / "ckpt-last.pt").is_file():
+        raise CifarError(f"weights {spec}: an unfinished run (no weights.safetensors yet); "
+                         f"finish it with: cifarcnn train --resume {spec}")
+    if p.is_dir():
+        raise CifarError(f"weights {spec}: a folder without weights.safetensors; give a "
+                         ".safetensors file, a run directory, or a shipped model name "
+                         f"({', '.join(shipped_models()) or 'none shipped'})")
     raise CifarError(f"weights {spec}: no such file; give a .safetensors file, a run directory, "
                      f"or a shipped model name ({', '.join(shipped_models()) or 'none shipped'})")
 
