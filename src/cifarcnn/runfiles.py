@@ -1,4 +1,5 @@
-"""Reading the JSON files of run and experiment folders, which may be damaged or edited.
+"""Reading the JSON files of run and experiment folders, which may be damaged or edited,
+and checking where long commands will write theirs.
 
 A folder may be half-copied, edited by hand or hit by a bad disk; whatever reads it
 (resume, results, report, the time-to-accuracy benchmark) gets its files through here,
