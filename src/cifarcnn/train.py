@@ -34,7 +34,7 @@ from .inference import autocast, evaluate_arrays, input_dtype
 from .models import build_model, count_parameters
 from .models.fast import ConvGroup
 from .optim import Lookahead, MuonSGD
-from .runfiles import read_json
+from .runfiles import read_json, write_text_atomic
 from .weights import save_weights
 
 HOLDOUT_SEED = 1234  # fixed: the same --holdout N always holds out the same images
@@ -196,9 +196,7 @@ def prepare_run_dir(out: str | None, model: str) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic("--out", path, json.dumps(obj, indent=2) + "\n")
 
 
 def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) -> dict[str, Any]:
