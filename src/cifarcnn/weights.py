@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import LAST
 from .config import TTA_MODES
 from .errors import CifarError
 from .models import build_model
@@ -51,7 +52,7 @@ def resolve_weights_path(spec: str | os.PathLike) -> Path:
         return shipped
     if p.is_dir() and (p / "weights.safetensors").is_file():
         return p / "weights.safetensors"
-    if p.is_dir() and (p / "ckpt-last.pt").is_file():
+    if p.is_dir() and (p / LAST).is_file():
         raise CifarError(f"weights {spec}: an unfinished run (no weights.safetensors yet); "
                          f"finish it with: cifarcnn train --resume {spec}")
     if p.is_dir():
