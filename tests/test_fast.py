@@ -815,6 +815,30 @@ def test_cpu_peak_probe_reports_the_vector_units_rates():
     assert all(0 < float(line.split()[-2]) <= float(line.split()[-3]) for line in kernels)
 
 
+def test_int8_convs_benchmark_checks_its_int8_products_against_the_float_ones():
+    """Every row of the int8 table computes the same conv as the float one, to int8's rounding
+    (~1.5% relative error for Gaussian inputs); a wrong filter flip for the input gradient or a
+    lost zero point would give errors near 1 or above."""
+    import torch
+
+    if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+        pytest.skip("this PyTorch has no oneDNN int8 conv")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_convs.py"), "--widths",
+                        "8,16,24", "--batch", "4", "--steps", "1", "--precision", "fp32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if " at " in line]
+    assert [(row[0], row[3]) for row in rows[::2]] == [
+        ("24->8", "forward"), ("8->8", "forward"), ("8->16", "forward"), ("16->16", "forward"),
+        ("16->24", "forward"), ("24->24", "forward")]
+    assert len(rows) == 12 and all(" ".join(row[3:5]) == "input grad" for row in rows[1::2])
+    assert all(0.002 < float(row[-1]) < 0.05 for row in rows)
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_convs.py"), "--widths",
+                          "8,16"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--widths 8,16: give three positive integers" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def test_recipe_cost_benchmark_counts_the_steps_training_takes(tmp_path):
     """The step plan it prices is the training loop's own: sizes, batches, frozen groups."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
