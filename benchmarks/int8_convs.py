@@ -11,8 +11,8 @@ and their channel axes swapped), so both could run on oneDNN's int8 kernel:
 u8 activations (a zero point of 128 holds signed values) times s8 filters
 with one scale per filter, accumulated in int32 and written out in the
 float precision. Vector units do twice as many int8 multiply-adds per
-instruction as bf16 ones (`vpdpbusd` against `vdpbf16ps`), and twice as
-many as fp32 FMAs with AVX2's `vpmaddubsw`.
+instruction as bf16 ones (`vpdpbusd` against `vdpbf16ps`), and AVX2's
+`vpmaddubsw` sequence about twice fp32 FMAs' rate.
 
 For each of the recipe's convs (widths as `--model-arg widths`, maps as in
 a 32x32 step) the table gives the float conv's time, the int8 kernel's
@@ -144,6 +144,7 @@ def main() -> None:
         sys.exit("int8_convs: this PyTorch has no oneDNN int8 conv (torch.ops.onednn."
                  "qconv2d_pointwise); use a CPU build of torch 2.3 or later")
     torch.set_num_threads(a.threads)
+    torch.manual_seed(0)  # the same random operands every run
     precision = a.precision
     if precision == "auto":
         precision = "bf16" if torch.backends.mkldnn.is_available() and \

@@ -817,8 +817,8 @@ def test_cpu_peak_probe_reports_the_vector_units_rates():
 
 def test_int8_convs_benchmark_checks_its_int8_products_against_the_float_ones():
     """Every row of the int8 table computes the same conv as the float one, to int8's rounding
-    (~1.5% relative error for Gaussian inputs); a wrong filter flip for the input gradient or a
-    lost zero point would give errors near 1 or above."""
+    (1.3-8% relative error for these tiny Gaussian tensors, ~1.5% at the recipe's sizes); a
+    wrong filter flip for the input gradient or a lost zero point would give errors near 1."""
     import torch
 
     if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
@@ -832,7 +832,7 @@ def test_int8_convs_benchmark_checks_its_int8_products_against_the_float_ones():
         ("24->8", "forward"), ("8->8", "forward"), ("8->16", "forward"), ("16->16", "forward"),
         ("16->24", "forward"), ("24->24", "forward")]
     assert len(rows) == 12 and all(" ".join(row[3:5]) == "input grad" for row in rows[1::2])
-    assert all(0.002 < float(row[-1]) < 0.05 for row in rows)
+    assert all(0.002 < float(row[-1]) < 0.1 for row in rows)
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_convs.py"), "--widths",
                           "8,16"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--widths 8,16: give three positive integers" in bad.stderr
