@@ -37,7 +37,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-WHITEN_CHANNELS = 24  # the whitening layer's output: 12 patch dimensions, both signs
+from cifarcnn.config import resolve_precision
+from cifarcnn.models.fast import PATCH
+
+WHITEN_CHANNELS = 2 * 3 * PATCH * PATCH  # the whitening layer's output: its patches, both signs
 
 
 def shapes(widths: tuple[int, int, int]) -> list[tuple[int, int, int]]:
@@ -145,10 +148,7 @@ def main() -> None:
                  "qconv2d_pointwise); use a CPU build of torch 2.3 or later")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)  # the same random operands every run
-    precision = a.precision
-    if precision == "auto":
-        precision = "bf16" if torch.backends.mkldnn.is_available() and \
-            torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    precision = resolve_precision(a.precision, "cpu")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     print(f"batch {a.batch}, {a.threads} threads, float side {precision}, channels_last, "
           f"best of {a.steps} (ms)")
