@@ -180,6 +180,23 @@ def test_evaluate_reproduces_training_accuracy(trained):
     assert json.loads(r.stdout)["correct"] == summary["val_correct"]
 
 
+def test_evaluate_with_a_tta_gate_reports_its_views_and_refuses_bad_gates(trained):
+    tmp, arc, _ = trained
+    home = {"CIFARCNN_HOME": str(tmp / "home")}
+    r = run("evaluate", "--weights", str(tmp / "run"), "--data", str(arc), "--tta-gate", "0.5",
+            env_extra=home)
+    assert r.returncode == 0, r.stderr
+    assert "with flip TTA (" in r.stdout and "; TTA gated at 0.5: " in r.stdout
+    assert " views per image\n" in r.stdout
+    assert "recorded at training time, every view of every image:" in r.stdout
+    r = run("evaluate", "--weights", str(tmp / "run"), "--data", str(arc), "--json",
+            "--tta-gate", "0.5", env_extra=home)
+    assert 1 <= json.loads(r.stdout)["views_per_image"] <= 2
+    for bad in ("0", "1.5"):
+        r = run("predict", "--weights", str(tmp / "run"), "--tta-gate", bad, "x.png")
+        assert_one_line_error(r, f"TTA gate {float(bad)}", "between 0 and 1")
+
+
 def test_predict_any_image_and_unreadable_image(trained, tmp_path):
     tmp, _, _ = trained
     big = tmp_path / "photo.jpg"

@@ -21,7 +21,7 @@ import cifarcnn
 from cifarcnn import augment, modes, native
 from cifarcnn.config import TrainConfig
 from cifarcnn.errors import CifarError
-from cifarcnn.inference import TTA_VIEWS
+from cifarcnn.inference import TTA_VIEWS, Classifier
 from cifarcnn.models import build_model
 from cifarcnn.models.fast import PATCH, Conv3x3, FastNet, im2col_filter_grad
 from cifarcnn.optim import MuonSGD, orthogonalize, orthogonalize_stacked
@@ -355,6 +355,31 @@ def test_tta_equals_the_explicit_average_of_its_views(tmp_path):
     assert abs(sum(w for w, _, _ in TTA_VIEWS["flip-shift"]) - 1.0) < 1e-12
 
 
+def test_gated_tta_runs_the_other_views_only_on_unsure_images():
+    images, labels = tiny_data(8, 64).test_images, tiny_data(8, 64).test_labels
+    torch.manual_seed(0)  # untrained: confidences spread out (a trained one is sure of these)
+    model = build_model("paper-cnn").eval()
+    full = Classifier(model, {"tta": "flip-shift"}, "cpu", Path("untrained"))
+    plain = full.logits(images, tta=False)
+    every = full.logits(images)
+    conf = plain.softmax(1).amax(1)
+    gate = float(conf.median())
+    unsure = conf < gate
+    assert 0 < int(unsure.sum()) < len(images)
+    gated = Classifier(model, {"tta": "flip-shift"}, "cpu", Path("untrained"), tta_gate=gate)
+    gated.batch_size = 16  # the unsure images of several batches, put back in place
+    got = gated.logits(images)
+    torch.testing.assert_close(got[~unsure], plain[~unsure], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[unsure], every[unsure], rtol=1e-5, atol=1e-5)
+    r = gated.evaluate(images, labels)
+    assert r["views_per_image"] == pytest.approx(1 + 5 * float(unsure.float().mean()))
+    assert r["accuracy"] == float((got.argmax(1).numpy() == labels).mean())
+    assert full.evaluate(images, labels)["views_per_image"] == 6
+    for bad in (0, 1, 1.5, float("nan")):
+        with pytest.raises(CifarError, match="TTA gate"):
+            cifarcnn.load("paper-cnn", tta_gate=bad)
+
+
 def test_shift_view_moves_content_and_reflects_the_border():
     img = torch.arange(32 * 32 * 3, dtype=torch.int32).view(1, 32, 32, 3).to(torch.uint8)
     v = augment.view(img, flip=False, shift=1)
@@ -684,10 +709,12 @@ def test_tta_views_benchmark_scores_the_recipe_views_as_training_does(tmp_path):
                           model_kwargs={"widths": [8, 16, 16]}, out=str(tmp_path / "r")),
               quiet=True)
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tta_views.py"), "--data",
-                        str(arc), "--weights", str(tmp_path / "r"), str(tmp_path / "r")],
+                        str(arc), "--weights", str(tmp_path / "r"), str(tmp_path / "r"),
+                        "--gates", "0.1", "0.5"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    rows = {line[:42].strip(): line[42:].split() for line in r.stdout.splitlines()[1:]}
+    views, gates = r.stdout.split("\n\n")
+    rows = {line[:42].strip(): line[42:].split() for line in views.splitlines()[1:]}
     assert rows["flip-shift (the recipe's: diagonal 1 px)"][0] == "6"
     assert rows["all 8 1 px shifts"][0] == "18"
     # the recipe's view set, rebuilt from single views, scores what training reported
@@ -696,6 +723,10 @@ def test_tta_views_benchmark_scores_the_recipe_views_as_training_does(tmp_path):
     assert abs(got - 100 * s["val_accuracy"]) <= 1.0
     single = float(rows["none (single view)"][1].rstrip("%"))
     assert abs(single - 100 * s["val_accuracy_no_tta"]) <= 1.0
+    # gated: no top class is below 1/10, so a gate of 0.1 leaves every image its single view
+    gated = {line.split()[0]: line.split()[1:] for line in gates.splitlines()[1:]}
+    assert gated["0.1"][0] == "1.00" and gated["0.1"][-1] == rows["none (single view)"][-1]
+    assert 1 <= float(gated["0.5"][0]) <= 6
 
 
 def test_lookahead_pulls_the_weights_back_to_their_slow_average():

@@ -94,6 +94,8 @@ def test_export_round_trips_and_equals_eager(trained_run, tmp_path, fmt, suffix)
     assert out.is_file() and r["max_abs_diff"] <= TOLERANCE and r["same_top1"] == 1.0
     exported = cifarcnn.load(out)
     assert exported.tta == "flip" and exported.classes == clf.classes
+    with pytest.raises(CifarError, match="a TTA gate needs the safetensors weights"):
+        cifarcnn.load(out, tta_gate=0.9)
     for n in (1, 7, 64):  # dynamic batch
         p = exported.predict(images[:n])
         assert p.shape == (n, 10)

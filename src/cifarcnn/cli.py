@@ -264,7 +264,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .datasets import load_cifar10
     from .inference import load
 
-    clf = load(a.weights, device=a.device, tta=a.tta)
+    clf = load(a.weights, device=a.device, tta=a.tta, tta_gate=a.tta_gate)
     data = load_cifar10(a.data, a.download, verbose=True)
     if data.classes != clf.classes:
         raise CifarError(f"{a.data or 'data'}: classes {data.classes} differ from the "
@@ -281,12 +281,16 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
             tta = f" with {clf.tta} TTA"
             if "accuracy_no_tta" in r:
                 tta += f" ({r['accuracy_no_tta']:.2%} without)"
+        gated = ""
+        if clf.tta != "none" and clf.tta_gate is not None:
+            gated = f"; TTA gated at {clf.tta_gate:g}: {r['views_per_image']:.2f} views per image"
         print(f"{clf.path}: {clf.meta['model']} test accuracy {r['accuracy']:.2%}{tta} "
-              f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}, {r['seconds']:.1f}s")
+              f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}, {r['seconds']:.1f}s{gated}")
         recorded = {clf.meta.get("tta", "none"): clf.meta.get("val_accuracy"),
                     "none": clf.meta.get("val_accuracy_no_tta", clf.meta.get("val_accuracy"))}
         if recorded.get(clf.tta) is not None:
-            print(f"(recorded at training time: {recorded[clf.tta]:.2%})")
+            every = ", every view of every image" if clf.tta_gate and clf.tta != "none" else ""
+            print(f"(recorded at training time{every}: {recorded[clf.tta]:.2%})")
     return 0
 
 
@@ -323,7 +327,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
     if a.top < 1:
         raise CifarError(f"--top {a.top}: show at least 1 class per image")
-    clf = load(a.weights, device=a.device, tta=a.tta)
+    clf = load(a.weights, device=a.device, tta=a.tta, tta_gate=a.tta_gate)
     probs = clf.predict_files(a.images)
     k = min(a.top, len(clf.classes))
     results = []
@@ -368,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "weights, from the model's recipe)")
         p.add_argument("--no-tta", dest="tta", action="store_const", const="none",
                        help="a single view per image")
+        p.add_argument("--tta-gate", type=float, metavar="P",
+                       help="run the TTA's other views only on images whose single view "
+                       "gives its top class less than P (e.g. 0.99; default: all images)")
     evaluate = sub.choices["evaluate"]
     evaluate.add_argument("--data", help="CIFAR-10 archive or folder")
     evaluate.add_argument("--download", action="store_true")

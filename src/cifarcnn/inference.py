@@ -63,83 +63,119 @@ def input_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def check_gate(gate: float | None) -> float | None:
+    """A TTA gate is a probability in (0, 1); None means every image takes every view."""
+    if gate is not None and not 0 < gate < 1:
+        raise CifarError(f"TTA gate {gate}: give a single-view confidence between 0 and 1, e.g. "
+                         "0.9 (images at least that confident skip the other views)")
+    return gate
+
+
 @torch.inference_mode()
 def view_logits(model: nn.Module, images: torch.Tensor, *, device: str, precision: str,
                 batch_size: int = 1000, channels_last: bool = True, tta: str = "none",
-                shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
-    """(TTA logits, plain single-view logits), each (N, C) fp32, for uint8 NHWC images.
+                shard: tuple[int, int] = (0, 1),
+                gate: float | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(TTA logits, plain single-view logits, views run), for uint8 NHWC images.
 
-    The plain logits come free with any TTA (the first view is the image
-    itself), so training can report both accuracies for one forward pass each.
-    `shard=(rank, world)` keeps every world-th batch: under DDP each rank
-    evaluates whole batches, exactly the ones a single process would form.
+    The logits are (N, C) fp32. The plain ones come free with any TTA (the
+    first view is the image itself), so training can report both accuracies
+    for one forward pass each. `shard=(rank, world)` keeps every world-th
+    batch: under DDP each rank evaluates whole batches, exactly the ones a
+    single process would form.
+
+    `gate`: an image whose single view already gives its top class at least
+    this probability keeps its single-view logits and skips the other views.
+    The views rarely change a confident image's class, so a well-chosen gate
+    keeps the TTA's accuracy for half its work or less (README, "Gated TTA").
+    The third value counts the image-views run, to report that fraction.
     """
     mean = torch.tensor(MEAN, device=device)
     std = torch.tensor(STD, device=device)
-    views = TTA_VIEWS[tta]
+    (w0, flip0, shift0), rest = TTA_VIEWS[tta][0], TTA_VIEWS[tta][1:]
+    assert not flip0 and not shift0, "the first TTA view is the image itself"
     out, plain = [], []
+    runs = 0
     rank, world = shard
+
+    def logits_of_view(xb: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
+        x = augment.normalize(augment.view(xb, flip, shift), mean, std, channels_last,
+                              input_dtype(precision))
+        with autocast(device, precision):
+            return model(x).float()
+
     for i in range(rank * batch_size, len(images), batch_size * world):
         xb = images[i:i + batch_size].to(device, non_blocking=True)
-        total = None
-        for weight, flip, shift in views:
-            x = augment.normalize(augment.view(xb, flip, shift), mean, std, channels_last,
-                                  input_dtype(precision))
-            with autocast(device, precision):
-                logits = model(x).float()
-            if not flip and not shift:
-                plain.append(logits)
-            total = logits * weight if total is None else total + logits * weight
+        single = logits_of_view(xb, False, 0)
+        plain.append(single)
+        runs += len(xb)
+        total = single
+        if rest:
+            pick = None
+            if gate is not None:
+                pick = (single.softmax(1).amax(1) < gate).nonzero().squeeze(1)
+                xb = xb.index_select(0, pick)
+            avg = (single if pick is None else single.index_select(0, pick)) * w0
+            if len(xb):
+                for weight, flip, shift in rest:
+                    avg = avg + logits_of_view(xb, flip, shift) * weight
+            runs += len(xb) * len(rest)
+            total = avg if pick is None else single.index_copy(0, pick, avg)
         out.append(total)
     if not out:
         empty = torch.empty(0, 10, device=device)
-        return empty, empty
-    return torch.cat(out), torch.cat(plain)
+        return empty, empty, 0
+    return torch.cat(out), torch.cat(plain), runs
 
 
 def logits_of(model: nn.Module, images: torch.Tensor, *, device: str, precision: str,
               batch_size: int = 1000, channels_last: bool = True,
-              tta: str = "none") -> torch.Tensor:
+              tta: str = "none", gate: float | None = None) -> torch.Tensor:
     """Logits (N, C) in fp32 for uint8 NHWC images, in batches, averaged over TTA views."""
     return view_logits(model, images, device=device, precision=precision,
-                       batch_size=batch_size, channels_last=channels_last, tta=tta)[0]
+                       batch_size=batch_size, channels_last=channels_last, tta=tta,
+                       gate=gate)[0]
 
 
 def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     device: str, precision: str, batch_size: int = 1000,
                     channels_last: bool = True, tta: str = "none",
-                    world: World | None = None) -> dict[str, Any]:
+                    world: World | None = None, gate: float | None = None) -> dict[str, Any]:
     """Loss and accuracy of `model` on a labelled split (model put in eval mode).
 
-    `accuracy`/`loss` use the TTA logits; `accuracy_no_tta` is the single view.
-    Under DDP (`world`) the ranks split the batches and sum their counts, so
-    every rank reports what a single process reports for the same weights.
+    `accuracy`/`loss` use the TTA logits; `accuracy_no_tta` is the single view;
+    `views_per_image` is the forward passes run per image (the TTA's view
+    count, less with a `gate`). Under DDP (`world`) the ranks split the
+    batches and sum their counts, so every rank reports what a single process
+    reports for the same weights.
     """
     world = world or World()
     was_training = model.training
     model.eval()
-    logits, plain = view_logits(model, images, device=device, precision=precision,
-                                batch_size=batch_size, channels_last=channels_last, tta=tta,
-                                shard=(world.rank, world.size))
+    logits, plain, runs = view_logits(model, images, device=device, precision=precision,
+                                      batch_size=batch_size, channels_last=channels_last,
+                                      tta=tta, shard=(world.rank, world.size), gate=gate)
     model.train(was_training)
     mine = torch.cat([labels[i:i + batch_size] for i in range(
         world.rank * batch_size, len(labels), batch_size * world.size)] or [labels[:0]])
     mine = mine.to(logits.device)
     sums = torch.stack([F.cross_entropy(logits, mine, reduction="sum").double(),
                         (logits.argmax(1) == mine).sum().double(),
-                        (plain.argmax(1) == mine).sum().double()])
-    loss_sum, correct, correct_plain = all_reduce_sum(sums, world).tolist()
+                        (plain.argmax(1) == mine).sum().double(),
+                        torch.tensor(float(runs), dtype=torch.float64, device=logits.device)])
+    loss_sum, correct, correct_plain, runs_sum = all_reduce_sum(sums, world).tolist()
     n = len(labels)
     return {"loss": loss_sum / n if n else float("nan"), "accuracy": correct / max(1, n),
             "correct": int(correct), "n": n, "tta": tta,
-            "accuracy_no_tta": correct_plain / max(1, n)}
+            "accuracy_no_tta": correct_plain / max(1, n),
+            "views_per_image": runs_sum / max(1, n)}
 
 
 class Classifier:
     """A trained model ready for inference: `predict(uint8 NHWC images) -> probabilities`."""
 
     def __init__(self, model: nn.Module, meta: dict[str, Any], device: str, path: Path,
-                 tta: str | bool | None = None) -> None:
+                 tta: str | bool | None = None, tta_gate: float | None = None) -> None:
         self.model = model
         self.meta = meta
         self.device = device
@@ -155,13 +191,15 @@ class Classifier:
         self.channels_last: bool = bool(meta.get("channels_last", True))
         # The recipe's TTA (recorded in the weights) applies unless the caller turns it off.
         self.tta: str = tta_mode(tta, default=tta_mode(meta.get("tta", "none")))
+        # Off by default: the recorded accuracies are those of every view on every image.
+        self.tta_gate: float | None = check_gate(tta_gate)
 
     def logits(self, images: np.ndarray | torch.Tensor,
                tta: str | bool | None = None) -> torch.Tensor:
         x = as_batch(images)
         return logits_of(self.model, x, device=self.device, precision=self.precision,
                          batch_size=self.batch_size, channels_last=self.channels_last,
-                         tta=tta_mode(tta, self.tta))
+                         tta=tta_mode(tta, self.tta), gate=self.tta_gate)
 
     def predict(self, images: np.ndarray | torch.Tensor,
                 tta: str | bool | None = None) -> np.ndarray:
@@ -188,7 +226,7 @@ class Classifier:
                                torch.from_numpy(labels.astype(np.int64)),
                                device=self.device, precision=self.precision,
                                batch_size=self.batch_size, channels_last=self.channels_last,
-                               tta=tta_mode(tta, self.tta))
+                               tta=tta_mode(tta, self.tta), gate=self.tta_gate)
 
 
 def read_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
@@ -214,18 +252,24 @@ def as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def load(path: str | os.PathLike = "paper-cnn", device: str = "auto",
-         tta: str | bool | None = None) -> Classifier | Exported:
+         tta: str | bool | None = None, tta_gate: float | None = None) -> Classifier | Exported:
     """Load a classifier from a weights file, a run directory, or a shipped model name.
 
     `tta`: None or True applies the test-time augmentation recorded with the
     weights (the model's recipe), False turns it off, a mode name overrides it.
+    `tta_gate`: run the TTA's extra views only on images whose single view is
+    less confident than this (see `view_logits`); None runs them on all.
     A TorchScript or ONNX file written by `cifarcnn export` loads too.
     """
     dev = resolve_device(device)
     p = resolve_weights_path(path)
+    check_gate(tta_gate)
     if p.suffix.lower() in (".onnx", ".pt", ".ts"):  # a `cifarcnn export` file
         from .export import load_exported
 
+        if tta_gate is not None:
+            raise CifarError(f"{p}: an exported file runs its TTA views inside its graph, on "
+                             "every image; a TTA gate needs the safetensors weights")
         return load_exported(p)
     model, meta = load_weights(p, device=dev)
-    return Classifier(model, meta, dev, p, tta=tta)
+    return Classifier(model, meta, dev, p, tta=tta, tta_gate=tta_gate)
