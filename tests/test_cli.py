@@ -1,6 +1,7 @@
 """The CLI as a user meets it: real subprocesses, one-line errors, no tracebacks."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,19 @@ def test_predict_any_image_and_unreadable_image(trained, tmp_path):
     assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
     r = run("predict", "--weights", str(tmp / "run"), str(gray), "--top", "10", "--json")
     assert abs(sum(t["probability"] for t in json.loads(r.stdout)["top"]) - 1) < 1e-4
+    # a folder: its image files at any depth, sorted; other files passed over
+    (tmp_path / "album" / "b").mkdir(parents=True)
+    shutil.copy(gray, tmp_path / "album" / "b" / "z.PNG")
+    shutil.copy(big, tmp_path / "album" / "a.jpg")
+    (tmp_path / "album" / "notes.txt").write_text("not an image")
+    r = run("predict", "--weights", str(tmp / "run"), str(tmp_path / "album"), str(gray),
+            "--json")
+    assert r.returncode == 0, r.stderr
+    assert [o["file"] for o in json.loads(r.stdout)] == [
+        str(tmp_path / "album" / "a.jpg"), str(tmp_path / "album" / "b" / "z.PNG"), str(gray)]
+    (tmp_path / "empty").mkdir()
+    r = run("predict", "--weights", str(tmp / "run"), str(tmp_path / "empty"))
+    assert_one_line_error(r, "empty", "no image files")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     r = run("predict", "--weights", str(tmp / "run"), str(broken))

@@ -323,15 +323,16 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from .inference import load
+    from .inference import image_files, load
 
     if a.top < 1:
         raise CifarError(f"--top {a.top}: show at least 1 class per image")
+    files = image_files(a.images)
     clf = load(a.weights, device=a.device, tta=a.tta, tta_gate=a.tta_gate)
-    probs = clf.predict_files(a.images)
+    probs = clf.predict_files(files)
     k = min(a.top, len(clf.classes))
     results = []
-    for path, p in zip(a.images, probs, strict=True):
+    for path, p in zip(files, probs, strict=True):
         top = p.argsort()[::-1][:k]
         results.append({"file": str(path),
                         "top": [{"class": clf.classes[i], "probability": float(p[i])}
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="CIFAR-10 archive or folder")
     evaluate.add_argument("--download", action="store_true")
     predict = sub.choices["predict"]
-    predict.add_argument("images", nargs="+", metavar="IMG", help="image files, any size/mode")
+    predict.add_argument("images", nargs="+", metavar="IMG",
+                         help="image files, any size/mode, or folders of them")
     predict.add_argument("--top", type=int, default=3, help="classes to show per image")
     ex = sub.add_parser("export", help="write TorchScript or ONNX and prove it equals eager")
     ex.add_argument("--weights", default="paper-cnn",

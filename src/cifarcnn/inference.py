@@ -229,6 +229,30 @@ class Classifier:
                                tta=tta_mode(tta, self.tta), gate=self.tta_gate)
 
 
+def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files to classify: each path as given, a folder as the image files under it.
+
+    A folder's files are those whose suffix PIL reads (.png, .jpg, ...), in
+    sorted order at any depth, so `predict photos/` does what a shell glob
+    would, without one; other files there (notes, thumbnails' databases) are
+    passed over.
+    """
+    from PIL import Image
+
+    suffixes = {ext.lower() for ext in Image.registered_extensions()}
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            files.append(p)
+            continue
+        found = sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes and f.is_file())
+        if not found:
+            raise CifarError(f"{p}: a folder with no image files in it (looked for "
+                             ".png, .jpg, .bmp and the other formats PIL reads, at any depth)")
+        files.extend(found)
+    return files
+
+
 def read_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     """Image files of any size or mode as one uint8 (N, 32, 32, 3) batch."""
     batch = []
