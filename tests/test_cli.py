@@ -196,6 +196,14 @@ def test_evaluate_with_a_tta_gate_reports_its_views_and_refuses_bad_gates(traine
     for bad in ("0", "1.5"):
         r = run("predict", "--weights", str(tmp / "run"), "--tta-gate", bad, "x.png")
         assert_one_line_error(r, f"TTA gate {float(bad)}", "between 0 and 1")
+    # an export runs its views inside its graph: evaluated as it is, refused with a gate
+    r = run("export", "--weights", str(tmp / "run"), "--format", "torchscript", "--out",
+            str(tmp / "m.pt"), "--no-check")
+    assert r.returncode == 0, r.stderr
+    r = run("evaluate", "--weights", str(tmp / "m.pt"), "--data", str(arc), env_extra=home)
+    assert r.returncode == 0 and "with flip TTA" in r.stdout and "gated" not in r.stdout, r.stderr
+    r = run("evaluate", "--weights", str(tmp / "m.pt"), "--data", str(arc), "--tta-gate", "0.5")
+    assert_one_line_error(r, "m.pt", "a TTA gate needs the safetensors weights")
 
 
 def test_predict_any_image_and_unreadable_image(trained, tmp_path):

@@ -153,6 +153,7 @@ class Exported:
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
         self.tta: str = meta.get("tta", "none")
+        self.tta_gate: float | None = None  # the graph runs every view on every image
         self._run = run
 
     def predict(self, images: np.ndarray, tta: str | bool | None = None) -> np.ndarray:
