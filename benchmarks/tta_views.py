@@ -83,8 +83,8 @@ def main() -> None:
     ap.add_argument("--recipe-only", action="store_true",
                     help="score only the single view, flip and the recipe's six views (their "
                     "six views' logits, not every view set's 20)")
-    ap.add_argument("--gates", type=float, nargs="*", default=[0.9, 0.99, 0.999],
-                    metavar="P", help="TTA gates to score (default: 0.9 0.99 0.999)")
+    ap.add_argument("--gates", type=float, nargs="*", default=[0.5, 0.7, 0.9],
+                    metavar="P", help="TTA gates to score (default: 0.5 0.7 0.9)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -187,15 +187,12 @@ def test_evaluate_with_a_tta_gate_reports_its_views_and_refuses_bad_gates(traine
     r = run("evaluate", "--weights", str(tmp / "run"), "--data", str(arc), "--tta-gate", "0.5",
             env_extra=home)
     assert r.returncode == 0, r.stderr
-    assert "with flip TTA (" in r.stdout and "; TTA gated at 0.5: " in r.stdout
-    assert " views per image\n" in r.stdout
+    assert "with flip TTA (" in r.stdout
+    views = float(r.stdout.split("; TTA gated at 0.5: ")[1].split(" views per image\n")[0])
+    assert 1 <= views <= 2
     assert "recorded at training time, every view of every image:" in r.stdout
-    r = run("evaluate", "--weights", str(tmp / "run"), "--data", str(arc), "--json",
-            "--tta-gate", "0.5", env_extra=home)
-    assert 1 <= json.loads(r.stdout)["views_per_image"] <= 2
-    for bad in ("0", "1.5"):
-        r = run("predict", "--weights", str(tmp / "run"), "--tta-gate", bad, "x.png")
-        assert_one_line_error(r, f"TTA gate {float(bad)}", "between 0 and 1")
+    r = run("predict", "--weights", str(tmp / "run"), "--tta-gate", "1.5", "x.png")
+    assert_one_line_error(r, "TTA gate 1.5", "between 0 and 1")
     # an export runs its views inside its graph: evaluated as it is, refused with a gate
     r = run("export", "--weights", str(tmp / "run"), "--format", "torchscript", "--out",
             str(tmp / "m.pt"), "--no-check")

@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a single view per image")
         p.add_argument("--tta-gate", type=float, metavar="P",
                        help="run the TTA's other views only on images whose single view "
-                       "gives its top class less than P (e.g. 0.99; default: all images)")
+                       "gives its top class less than P (e.g. 0.7 for fast, 0.9 for paper-cnn; "
+                       "default: all images)")
     evaluate = sub.choices["evaluate"]
     evaluate.add_argument("--data", help="CIFAR-10 archive or folder")
     evaluate.add_argument("--download", action="store_true")
