@@ -222,6 +222,7 @@ def test_predict_any_image_and_unreadable_image(trained, tmp_path):
     shutil.copy(gray, tmp_path / "album" / "b" / "z.PNG")
     shutil.copy(big, tmp_path / "album" / "a.jpg")
     (tmp_path / "album" / "notes.txt").write_text("not an image")
+    (tmp_path / "album" / "scan.pdf").write_text("PIL writes PDFs but cannot read them")
     r = run("predict", "--weights", str(tmp / "run"), str(tmp_path / "album"), str(gray),
             "--json")
     assert r.returncode == 0, r.stderr

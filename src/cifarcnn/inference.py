@@ -232,14 +232,16 @@ class Classifier:
 def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """The files to classify: each path as given, a folder as the image files under it.
 
-    A folder's files are those whose suffix PIL reads (.png, .jpg, ...), in
-    sorted order at any depth, so `predict photos/` does what a shell glob
-    would, without one; other files there (notes, thumbnails' databases) are
-    passed over.
+    A folder's files are those whose suffix names a format PIL reads (.png,
+    .jpg, ...), in sorted order at any depth, so `predict photos/` does what a
+    shell glob would, without one; other files there (notes, PDFs) are passed
+    over.
     """
     from PIL import Image
 
-    suffixes = {ext.lower() for ext in Image.registered_extensions()}
+    # the suffixes of formats PIL can read, not only write (.pdf, .palm)
+    suffixes = {ext.lower() for ext, fmt in Image.registered_extensions().items()
+                if fmt in Image.OPEN}
     files: list[Path] = []
     for p in map(Path, paths):
         if not p.is_dir():
