@@ -190,6 +190,21 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     assert d.skipped == 1 and len(d.train_labels) == 5
 
 
+def test_dangling_links_in_a_data_folder(tmp_path):
+    """A dangling link where no data is expected is ignored, also by the cache's
+    fingerprint; one in place of a data file is one error that names it."""
+    train, test = make_split(seed=3)
+    arc = python_archive(tmp_path / "a.tar.gz", train, test)
+    archives.safe_extract(arc, tmp_path / "data")
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    (folder / "notes.txt").symlink_to(tmp_path / "nowhere")
+    _assert_same(load_source(folder), train, test)
+    (folder / "data_batch_1").unlink()
+    (folder / "data_batch_1").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CifarError, match=r"data_batch_1: cannot read this data file"):
+        load_source(folder, use_cache=False)
+
+
 def test_cache_rebuilds_when_source_changes(tmp_path):
     train, test = make_split()
     arc = python_archive(tmp_path / "a.tar.gz", train, test)

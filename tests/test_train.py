@@ -44,6 +44,10 @@ def test_existing_run_is_not_overwritten(tmp_path):
     with pytest.raises(CifarError, match="already holds a run"):
         train(cfg, data=tiny_data(), quiet=True)
     assert (tmp_path / "r" / "weights.safetensors").read_bytes() == before
+    # refused before the data loads: a missing data path is not what it reports
+    cfg.data = str(tmp_path / "no-data-here")
+    with pytest.raises(CifarError, match="already holds a run"):
+        train(cfg, quiet=True)
 
 
 def test_weights_round_trip_reproduces_accuracy_exactly(tmp_path):

@@ -269,6 +269,16 @@ class _Collector:
         return CifarData(*out["train"], *out["test"], classes, src, self.skipped)
 
 
+def _read_file(path: Path) -> bytes:
+    """A data file's bytes, or one clear error if it cannot be read (a dangling link, no
+    permission): found by walking a folder, so the user may not know it is there."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CifarError(f"{path}: cannot read this data file ({e.strerror or e}); "
+                         "fix its permissions or link, or remove it") from None
+
+
 def read_source(source: Path, skip_bad_images: bool = False) -> CifarData:
     """Read a data set from a folder or archive, with no cache involved."""
     col = _Collector(source, skip_bad_images)
@@ -282,8 +292,7 @@ def read_source(source: Path, skip_bad_images: bool = False) -> CifarData:
             dirs.sort()
             for f in sorted(files):
                 path = Path(root, f)
-                rel = path.relative_to(source).as_posix()
-                col.add(rel, path.read_bytes)
+                col.add(path.relative_to(source).as_posix(), lambda p=path: _read_file(p))
     else:
         raise CifarError(f"{source}: no such file or folder")
     return col.result()
@@ -301,7 +310,11 @@ def _fingerprint(source: Path) -> str:
     for root, dirs, files in os.walk(source):
         dirs.sort()
         for f in sorted(files):
-            st = os.stat(os.path.join(root, f))
+            try:
+                st = os.stat(os.path.join(root, f))
+            except OSError:  # a dangling link: only an error if reading needs the file
+                h.update(f"{root}/{f}:unreadable\n".encode())
+                continue
             h.update(f"{root}/{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return "dir:" + h.hexdigest()
 

@@ -181,13 +181,28 @@ def split_data(data: CifarData, cfg: TrainConfig) -> dict[str, tuple[np.ndarray,
     return splits
 
 
-def prepare_run_dir(out: str | None, model: str) -> Path:
-    run = Path(out) if out else Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+def check_run_dir(run: Path) -> None:
+    """Refuse an --out that cannot take a new run, before anything is made or loaded.
+
+    Also called before the data loads, so that a taken or unwritable --out fails at once,
+    not after the data set's decode (only creating the folder can prove it writable).
+    """
     if run.exists() and not run.is_dir():
         raise CifarError(f"--out {run}: exists and is not a folder; choose another --out")
     if (run / "config.json").exists():
         raise CifarError(f"--out {run}: already holds a run; choose another --out "
                          "(nothing there was changed)")
+    parent = run.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CifarError(f"--out {run}: cannot create the folder ({parent} is not a writable "
+                         "folder); choose another --out")
+
+
+def prepare_run_dir(out: str | None, model: str) -> Path:
+    run = Path(out) if out else Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_run_dir(run)
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -207,6 +222,8 @@ def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) 
     cfg = cfg.resolved()
     world = distributed.setup(cfg.device, cfg.dist_timeout)
     quiet = quiet or not world.main
+    if cfg.out and not world.active:  # under torchrun an early raise would strand the others
+        check_run_dir(Path(cfg.out))
     data = _load_data(cfg, data, quiet, world)
     run: Path | str | None = None
     if world.main:
