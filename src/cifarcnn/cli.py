@@ -346,6 +346,34 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import signal
+
+    from .inference import load
+    from .serve import make_server
+
+    if not 0 <= a.port <= 65535:
+        raise CifarError(f"--port {a.port}: give a port number from 0 to 65535")
+    clf = load(a.weights, device=a.device, tta=a.tta, tta_gate=a.tta_gate)
+    server = make_server(clf, a.host, a.port, top=a.top, max_batch=a.max_batch,
+                         max_wait=a.max_wait_ms / 1000)
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # a service manager's SIGTERM stops it as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
+    host, port = server.server_address[:2]
+    print(f"serving {clf.path} ({clf.meta.get('model')}, TTA {clf.tta}) on http://{host}:{port}"
+          f"/ : POST an image file to /predict (curl --data-binary @photo.jpg "
+          f"http://{host}:{port}/predict); GET /health; Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 def _cmd_models(a: argparse.Namespace) -> int:
     from .models import MODELS, build_model, count_parameters
 
@@ -361,13 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_experiment_and_report(sub)
     for name, helptext in (("evaluate", "test accuracy of saved weights"),
-                           ("predict", "classify image files")):
+                           ("predict", "classify image files"),
+                           ("serve", "classify images sent over HTTP (POST /predict)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--weights", default="paper-cnn",
                        help="weights .safetensors, run directory, or shipped model name "
                        "(default: paper-cnn)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name != "serve":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--tta", choices=["none", "flip", "flip-shift"], default=None,
                        help="test-time augmentation (default: the one recorded with the "
                        "weights, from the model's recipe)")
@@ -384,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMG",
                          help="image files, any size/mode, or folders of them")
     predict.add_argument("--top", type=int, default=3, help="classes to show per image")
+    serve = sub.choices["serve"]
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; "
+                       "0.0.0.0: every network)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000; 0: any free one")
+    serve.add_argument("--top", type=int, default=3, help="classes in each answer's top list")
+    serve.add_argument("--max-batch", type=int, default=64, metavar="N",
+                       help="most requests classified in one forward pass (default 64)")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
+                       help="how long the first waiting request waits for others to batch "
+                       "with (default 2; benchmarks/serve_throughput.py measures the trade)")
     ex = sub.add_parser("export", help="write TorchScript or ONNX and prove it equals eager")
     ex.add_argument("--weights", default="paper-cnn",
                     help="weights .safetensors, run directory or shipped model name")
@@ -468,8 +509,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-            "export": _cmd_export, "bench": _cmd_bench, "experiment": _cmd_experiment,
-            "results": _cmd_results, "report": _cmd_report, "models": _cmd_models}
+            "serve": _cmd_serve, "export": _cmd_export, "bench": _cmd_bench,
+            "experiment": _cmd_experiment, "results": _cmd_results, "report": _cmd_report,
+            "models": _cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

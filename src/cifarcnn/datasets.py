@@ -74,8 +74,14 @@ def default_data_dir() -> Path:
 # ---------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Decode one image file to (32, 32, 3) uint8 RGB, converting mode and size as needed."""
+BAD_IMAGE_HINT = "fix or remove the file (training data: --skip-bad-images skips such files)"
+
+
+def decode_image(data: bytes, name: str, hint: str = BAD_IMAGE_HINT) -> np.ndarray:
+    """Decode one image file to (32, 32, 3) uint8 RGB, converting mode and size as needed.
+
+    `hint`: what the error tells the user to do with an image that does not decode.
+    """
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -94,8 +100,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
         # PIL names the in-memory buffer, not the file, when it knows no format for it
         why = ("no image format PIL knows" if isinstance(e, UnidentifiedImageError)
                else str(e))
-        raise CifarError(f"{name}: not a readable image ({why}); fix or remove the file"
-                         " (training data: --skip-bad-images skips such files)") from None
+        raise CifarError(f"{name}: not a readable image ({why}); {hint}") from None
 
 
 # What a damaged or hostile batch pickle makes unpickling raise (LookupError: an unknown

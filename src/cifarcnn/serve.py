@@ -1,0 +1,185 @@
+"""`cifarcnn serve`: a loaded classifier behind HTTP, with the standard library's server.
+
+    POST /predict   body: one image file's bytes (any size and format PIL reads, as
+                    `predict` takes) -> {"top": [{"class", "probability"}, ...],
+                    "probabilities": {class: p, ...}}
+    GET  /health    the model, its weights, TTA, precision and request/batch counts
+
+Requests are handled on threads, but the model runs on one worker that takes
+every image waiting (up to `max_batch`, after at most `max_wait` seconds for
+more to arrive) as one batch: a forward pass of 32 images costs little more
+than one of a single image, so under concurrent load the server answers many
+requests for the price of one (`benchmarks/serve_throughput.py` measures it).
+A bad request gets a JSON {"error": ...} with a 4xx status and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from .datasets import decode_image
+from .errors import CifarError
+
+MAX_BODY = 32 * 1024 * 1024  # bytes: far above any photo, far below what hurts the server
+
+
+class Batcher:
+    """Collects images from many threads and classifies them in batches on one thread."""
+
+    def __init__(self, classifier: Any, max_batch: int = 64, max_wait: float = 0.002,
+                 start: bool = True) -> None:
+        if max_batch < 1 or max_wait < 0:
+            raise CifarError(f"--max-batch {max_batch} / --max-wait-ms {max_wait * 1000:g}: "
+                             "give a batch of at least 1 and a wait of at least 0 ms")
+        self.classifier = classifier
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.requests = 0
+        self.batches = 0
+        self._queue: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="cifarcnn-batcher", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def submit(self, image: np.ndarray) -> Future:
+        """Queue one (32, 32, 3) uint8 image; the future gets its probabilities (C,)."""
+        fut: Future = Future()
+        self._queue.put((image, fut))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:  # stop after answering what was already asked
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+            self._run(batch)
+
+    def _run(self, batch: list[tuple[np.ndarray, Future]]) -> None:
+        try:
+            probs = self.classifier.predict(np.stack([image for image, _ in batch]))
+        except Exception as e:  # every waiting request must hear of it
+            for _, fut in batch:
+                fut.set_exception(e)
+            return
+        self.requests += len(batch)
+        self.batches += 1
+        for (_, fut), p in zip(batch, probs, strict=True):
+            fut.set_result(p)
+
+
+def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top: int = 3,
+                max_batch: int = 64, max_wait: float = 0.002) -> ThreadingHTTPServer:
+    """An HTTP server for `classifier` (not yet serving: call serve_forever()).
+
+    port 0 picks a free one (server.server_address says which). server_close()
+    also stops the batcher.
+    """
+    if top < 1:
+        raise CifarError(f"--top {top}: show at least 1 class per image")
+    batcher = Batcher(classifier, max_batch, max_wait)
+    classes = list(classifier.classes)
+    k = min(top, len(classes))
+    info = {"model": classifier.meta.get("model"), "weights": str(classifier.path),
+            "classes": classes, "tta": classifier.tta,
+            "tta_gate": getattr(classifier, "tta_gate", None),
+            "precision": getattr(classifier, "precision", None),
+            "device": getattr(classifier, "device", "cpu")}
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "cifarcnn"
+
+        def _reply(self, status: int, obj: dict[str, Any]) -> None:
+            body = (json.dumps(obj) + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # the name http.server calls
+            if self.path.split("?")[0] in ("/", "/health"):
+                self._reply(200, {**info, "requests": batcher.requests,
+                                  "batches": batcher.batches})
+            else:
+                self._reply(404, {"error": f"{self.path}: no such endpoint; POST an image "
+                                           "to /predict, or GET /health"})
+
+        def do_POST(self) -> None:
+            if self.path.split("?")[0] != "/predict":
+                self._reply(404, {"error": f"{self.path}: no such endpoint; POST an image "
+                                           "to /predict"})
+                return
+            try:
+                size = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self._reply(411, {"error": "no Content-Length: send the image file as the "
+                                           "body (curl --data-binary @photo.jpg)"})
+                return
+            if size > MAX_BODY:
+                self.close_connection = True  # the body is not read, so the stream is spent
+                self._reply(413, {"error": f"a body of {size:,} bytes; an image file of at "
+                                           f"most {MAX_BODY:,} bytes, please"})
+                return
+            data = self.rfile.read(size)
+            try:
+                image = decode_image(data, "the request body", hint="send one image file's "
+                                     "bytes as the body (PNG, JPEG, ...)")
+            except CifarError as e:
+                self._reply(400, {"error": str(e)})
+                return
+            try:
+                p = batcher.submit(image).result()
+            except Exception as e:  # the model failed, not the request
+                self._reply(500, {"error": f"the classifier failed: {e}"})
+                return
+            order = np.argsort(p)[::-1][:k]
+            self._reply(200, {"top": [{"class": classes[i], "probability": float(p[i])}
+                                      for i in order],
+                              "probabilities": {c: float(q) for c, q in zip(classes, p,
+                                                                            strict=True)}})
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per request would drown the terminal under load
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def server_close(self) -> None:
+            super().server_close()
+            batcher.stop()
+
+    try:
+        server = Server((host, port), Handler)
+    except OSError as e:
+        batcher.stop()
+        raise CifarError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose "
+                         "another --port or --host") from None
+    server.batcher = batcher  # type: ignore[attr-defined]
+    return server

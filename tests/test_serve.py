@@ -1,0 +1,176 @@
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from formats import png_bytes
+
+import cifarcnn
+from cifarcnn.cli import main
+from cifarcnn.datasets import decode_image
+from cifarcnn.errors import CifarError
+from cifarcnn.serve import MAX_BODY, Batcher, make_server
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return cifarcnn.load("paper-cnn", device="cpu")
+
+
+@pytest.fixture
+def server(clf):
+    srv = make_server(clf, port=0, top=2)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def request(srv, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def images(n, seed=0):
+    """PNG files of assorted sizes, as a client would send photos."""
+    rng = np.random.default_rng(seed)
+    return [png_bytes(rng.integers(0, 256, (int(rng.integers(20, 80)), 40, 3), dtype=np.uint8))
+            for _ in range(n)]
+
+
+def test_served_answers_equal_the_classifier_alone_and_under_concurrent_load(server, clf):
+    files = images(12)
+    expect = clf.predict(np.stack([decode_image(f, "x") for f in files]))
+    status, one = request(server, "POST", "/predict", files[0])
+    assert status == 200
+    np.testing.assert_allclose([one["probabilities"][c] for c in clf.classes], expect[0],
+                               atol=2e-3)
+    assert [t["class"] for t in one["top"]] == [clf.classes[i] for i in
+                                                np.argsort(expect[0])[::-1][:2]]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda f: request(server, "POST", "/predict", f), files))
+    for (status, a), p in zip(answers, expect, strict=True):
+        assert status == 200
+        np.testing.assert_allclose([a["probabilities"][c] for c in clf.classes], p, atol=2e-3)
+    status, health = request(server, "GET", "/health")
+    assert status == 200 and health["model"] == "paper-cnn" and health["tta"] == "flip"
+    assert health["requests"] == 13 and 1 <= health["batches"] <= 13
+
+
+def test_batcher_runs_every_waiting_image_in_one_batch(clf):
+    batcher = Batcher(clf, max_batch=4, max_wait=0.01, start=False)
+    x = np.stack([decode_image(f, "x") for f in images(6, seed=1)])
+    futures = [batcher.submit(im) for im in x]
+    batcher.start()
+    got = np.stack([f.result(timeout=60) for f in futures])
+    batcher.stop()
+    assert (batcher.requests, batcher.batches) == (6, 2)  # 4 waiting, then the other 2
+    np.testing.assert_allclose(got, clf.predict(x), atol=2e-3)
+
+
+def test_bad_requests_get_one_clear_error_and_the_server_goes_on(server):
+    status, r = request(server, "POST", "/predict", b"not an image at all")
+    assert status == 400 and "not a readable image" in r["error"] and "PNG" in r["error"]
+    status, r = request(server, "GET", "/nope")
+    assert status == 404 and "/predict" in r["error"]
+    status, r = request(server, "POST", "/health", b"x")
+    assert status == 404
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    conn.putrequest("POST", "/predict")
+    conn.putheader("Content-Length", str(MAX_BODY + 1))
+    conn.endheaders()  # the body never comes: the size alone is refused
+    r = conn.getresponse()
+    assert r.status == 413 and "at most" in json.loads(r.read())["error"]
+    conn.close()
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    conn.putrequest("POST", "/predict")
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 411
+    conn.close()
+    status, _ = request(server, "POST", "/predict", images(1)[0])
+    assert status == 200
+
+
+def test_a_failing_model_answers_500_to_each_waiting_request(clf):
+    class Broken:
+        classes, meta, path, tta = clf.classes, clf.meta, clf.path, clf.tta
+
+        def predict(self, x):
+            raise RuntimeError("out of memory")
+
+    srv = make_server(Broken(), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        status, r = request(srv, "POST", "/predict", images(1)[0])
+        assert status == 500 and "out of memory" in r["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_taken_port_and_bad_flags_are_one_line_errors(clf, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(CifarError, match=f"cannot listen on 127.0.0.1:{port}"):
+            make_server(clf, port=port)
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose another --port" in err[0]
+    assert main(["serve", "--port", "70000"]) == 2
+    assert main(["serve", "--max-batch", "0", "--port", "0"]) == 2
+    assert "--max-batch 0" in capsys.readouterr().err
+
+
+def test_cli_serves_until_sigterm(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cifarcnn", "serve", "--weights", "paper-cnn",
+                             "--port", "0", "--no-tta"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/predict", body=images(1)[0])
+        r = conn.getresponse()
+        assert r.status == 200 and len(json.loads(r.read())["top"]) == 3
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_throughput_benchmark_prints_a_row_per_setting():
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_throughput.py"
+    r = subprocess.run([sys.executable, str(bench), "--weights", "paper-cnn", "--requests", "12",
+                        "--clients", "1", "3", "--max-batch", "1", "8", "--max-wait-ms", "0", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines()
+            if line.startswith("| paper-cnn")]
+    # max batch 1 once (its wait changes nothing), 8 at each wait; each at 1 and 3 clients
+    assert [(b.strip(), w.strip(), c.strip()) for _, b, w, c, *_ in rows] == [
+        ("1", "0", "1"), ("1", "0", "3"), ("8", "0", "1"), ("8", "0", "3"),
+        ("8", "2", "1"), ("8", "2", "3")]
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[7]) >= 1.0
