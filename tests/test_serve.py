@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,6 +82,23 @@ def test_batcher_runs_every_waiting_image_in_one_batch(clf):
     batcher.stop()
     assert (batcher.requests, batcher.batches) == (6, 2)  # 4 waiting, then the other 2
     np.testing.assert_allclose(got, clf.predict(x), atol=2e-3)
+
+
+def test_batcher_waits_only_while_another_request_is_arriving(clf):
+    x = np.stack([decode_image(f, "x") for f in images(3, seed=2)])
+    batcher = Batcher(clf, max_batch=8, max_wait=60.0)
+    with batcher.arriving():  # a second request is being read: the first waits for it
+        first = batcher.submit(x[0])
+        time.sleep(0.3)
+        assert not first.done()
+        second = batcher.submit(x[1])
+    first.result(timeout=60)
+    second.result(timeout=60)
+    assert (batcher.requests, batcher.batches) == (2, 1)
+    # nothing else arriving: a lone request runs at once, not after the 60 s wait
+    batcher.submit(x[2]).result(timeout=20)
+    assert (batcher.requests, batcher.batches) == (3, 2)
+    batcher.stop()
 
 
 def test_bad_requests_get_one_clear_error_and_the_server_goes_on(server):
