@@ -125,6 +125,31 @@ def test_bad_requests_get_one_clear_error_and_the_server_goes_on(server):
     assert status == 200
 
 
+def test_keep_alive_and_stalled_clients(clf, capfd):
+    """Two requests on one connection; a client that stops mid-body is cut off after the
+    timeout without a traceback, and the server goes on."""
+    srv = make_server(clf, port=0, timeout=0.5)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
+        for f in images(2, seed=3):
+            conn.request("POST", "/predict", body=f)
+            r = conn.getresponse()
+            assert r.status == 200 and json.loads(r.read())["top"]
+        conn.close()
+        with socket.create_connection(srv.server_address[:2], timeout=30) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+                      + b"x" * 10)
+            t0 = time.monotonic()
+            assert s.recv(100) == b""  # closed by the server, not answered
+            assert time.monotonic() - t0 < 20
+        assert request(srv, "POST", "/predict", images(1)[0])[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_a_failing_model_answers_500_to_each_waiting_request(clf):
     class Broken:
         classes, meta, path, tta = clf.classes, clf.meta, clf.path, clf.tta

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -120,11 +121,14 @@ class Batcher:
 
 
 def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top: int = 3,
-                max_batch: int = 64, max_wait: float = 0.002) -> ThreadingHTTPServer:
+                max_batch: int = 64, max_wait: float = 0.002,
+                timeout: float = 30.0) -> ThreadingHTTPServer:
     """An HTTP server for `classifier` (not yet serving: call serve_forever()).
 
-    port 0 picks a free one (server.server_address says which). server_close()
-    also stops the batcher.
+    port 0 picks a free one (server.server_address says which). Connections are
+    HTTP/1.1 keep-alive; one silent for `timeout` seconds, mid-request or idle, is
+    closed, so stalled clients cannot hold threads for ever. server_close() also
+    stops the batcher.
     """
     if top < 1:
         raise CifarError(f"--top {top}: show at least 1 class per image")
@@ -139,9 +143,18 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "cifarcnn"
+        protocol_version = "HTTP/1.1"  # keep-alive: a client's next request skips a handshake
 
-        def _reply(self, status: int, obj: dict[str, Any]) -> None:
+        def setup(self) -> None:
+            self.timeout = timeout  # StreamRequestHandler applies it to the socket
+            super().setup()
+
+        def _reply(self, status: int, obj: dict[str, Any], close: bool = False) -> None:
+            """`close`: the request's body was not read, so the connection cannot carry
+            another request."""
             body = (json.dumps(obj) + "\n").encode()
+            if close:
+                self.close_connection = True
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -159,21 +172,25 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
         def do_POST(self) -> None:
             if self.path.split("?")[0] != "/predict":
                 self._reply(404, {"error": f"{self.path}: no such endpoint; POST an image "
-                                           "to /predict"})
+                                           "to /predict"}, close=True)
                 return
             try:
                 size = int(self.headers.get("Content-Length", ""))
             except ValueError:
+                size = -1
+            if size < 0:
                 self._reply(411, {"error": "no Content-Length: send the image file as the "
-                                           "body (curl --data-binary @photo.jpg)"})
+                                           "body (curl --data-binary @photo.jpg)"}, close=True)
                 return
             if size > MAX_BODY:
-                self.close_connection = True  # the body is not read, so the stream is spent
                 self._reply(413, {"error": f"a body of {size:,} bytes; an image file of at "
-                                           f"most {MAX_BODY:,} bytes, please"})
+                                           f"most {MAX_BODY:,} bytes, please"}, close=True)
                 return
             with batcher.arriving():  # submitted inside: never counted out before queued
-                data = self.rfile.read(size)
+                data = self.rfile.read(size)  # a client silent for `timeout` s: TimeoutError
+                if len(data) < size:  # the client closed the connection mid-body
+                    self.close_connection = True
+                    return
                 try:
                     image = decode_image(data, "the request body", hint="send one image "
                                          "file's bytes as the body (PNG, JPEG, ...)")
@@ -197,6 +214,13 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            """A client that stalls or hangs up is its own problem: no traceback for it."""
+            err = sys.exc_info()[1]
+            if not isinstance(err, (TimeoutError, ConnectionError)):
+                print(f"cifarcnn serve: error: a request from {client_address[0]} failed: "
+                      f"{type(err).__name__}: {err}", file=sys.stderr)
         # the listen backlog: at the default 5, a burst of clients had connections dropped
         # and retried by TCP a second later (a p95 latency of ~1.1 s at 16 clients)
         request_queue_size = 128
