@@ -48,6 +48,9 @@ def test_existing_run_is_not_overwritten(tmp_path):
     cfg.data = str(tmp_path / "no-data-here")
     with pytest.raises(CifarError, match="already holds a run"):
         train(cfg, quiet=True)
+    cfg.out = str(tmp_path / "r" / "weights.safetensors" / "run")  # under a file
+    with pytest.raises(CifarError, match=r"weights\.safetensors is not a writable folder"):
+        train(cfg, quiet=True)
 
 
 def test_weights_round_trip_reproduces_accuracy_exactly(tmp_path):

@@ -357,6 +357,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     clf = load(a.weights, device=a.device, tta=a.tta, tta_gate=a.tta_gate)
     server = make_server(clf, a.host, a.port, top=a.top, max_batch=a.max_batch,
                          max_wait=a.max_wait_ms / 1000)
+
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # a service manager's SIGTERM stops it as Ctrl-C does
 
