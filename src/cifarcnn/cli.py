@@ -424,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=64, metavar="N",
                        help="most requests classified in one forward pass (default 64)")
     serve.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
-                       help="how long the first waiting request waits for others to batch "
-                       "with (default 2; benchmarks/serve_throughput.py measures the trade)")
+                       help="while other requests are still being read, how long a batch "
+                       "waits for them to join (default 2; none waits when none is arriving)")
     ex = sub.add_parser("export", help="write TorchScript or ONNX and prove it equals eager")
     ex.add_argument("--weights", default="paper-cnn",
                     help="weights .safetensors, run directory or shipped model name")
