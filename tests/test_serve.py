@@ -177,6 +177,8 @@ def test_a_taken_port_and_bad_flags_are_one_line_errors(clf, capsys):
         assert main(["serve", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "choose another --port" in err[0]
+    with pytest.raises(CifarError, match="--top 0"):
+        make_server(clf, port=0, top=0)
     assert main(["serve", "--port", "70000"]) == 2
     assert main(["serve", "--max-batch", "0", "--port", "0"]) == 2
     assert "--max-batch 0" in capsys.readouterr().err

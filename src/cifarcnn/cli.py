@@ -323,20 +323,14 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from .inference import image_files, load
+    from .inference import check_top, image_files, load, top_classes
 
-    if a.top < 1:
-        raise CifarError(f"--top {a.top}: show at least 1 class per image")
+    check_top(a.top)  # before any work
     files = image_files(a.images)
     clf = load(a.weights, device=a.device, tta=a.tta, tta_gate=a.tta_gate)
     probs = clf.predict_files(files)
-    k = min(a.top, len(clf.classes))
-    results = []
-    for path, p in zip(files, probs, strict=True):
-        top = p.argsort()[::-1][:k]
-        results.append({"file": str(path),
-                        "top": [{"class": clf.classes[i], "probability": float(p[i])}
-                                for i in top]})
+    results = [{"file": str(path), "top": top_classes(p, clf.classes, a.top)}
+               for path, p in zip(files, probs, strict=True)]
     if a.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=None))
     else:

@@ -229,6 +229,19 @@ class Classifier:
                                tta=tta_mode(tta, self.tta), gate=self.tta_gate)
 
 
+def check_top(k: int) -> int:
+    if k < 1:
+        raise CifarError(f"--top {k}: show at least 1 class per image")
+    return k
+
+
+def top_classes(probs: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """One image's k most probable classes, most probable first, as predict and serve
+    give them."""
+    return [{"class": classes[i], "probability": float(probs[i])}
+            for i in np.argsort(probs)[::-1][:check_top(k)]]
+
+
 def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """The files to classify: each path as given, a folder as the image files under it.
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from .datasets import decode_image
 from .errors import CifarError
+from .inference import check_top, top_classes
 
 MAX_BODY = 32 * 1024 * 1024  # bytes: far above any photo, far below what hurts the server
 
@@ -130,11 +131,9 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
     closed, so stalled clients cannot hold threads for ever. server_close() also
     stops the batcher.
     """
-    if top < 1:
-        raise CifarError(f"--top {top}: show at least 1 class per image")
-    batcher = Batcher(classifier, max_batch, max_wait)
     classes = list(classifier.classes)
-    k = min(top, len(classes))
+    check_top(top)  # before the batcher starts
+    batcher = Batcher(classifier, max_batch, max_wait)
     info = {"model": classifier.meta.get("model"), "weights": str(classifier.path),
             "classes": classes, "tta": classifier.tta,
             "tta_gate": getattr(classifier, "tta_gate", None),
@@ -203,9 +202,7 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
             except Exception as e:  # the model failed, not the request
                 self._reply(500, {"error": f"the classifier failed: {e}"})
                 return
-            order = np.argsort(p)[::-1][:k]
-            self._reply(200, {"top": [{"class": classes[i], "probability": float(p[i])}
-                                      for i in order],
+            self._reply(200, {"top": top_classes(p, classes, top),
                               "probabilities": {c: float(q) for c, q in zip(classes, p,
                                                                             strict=True)}})
 
