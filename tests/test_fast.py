@@ -352,6 +352,10 @@ def test_tta_equals_the_explicit_average_of_its_views(tmp_path):
         want = sum(w * clf.logits(augment.view(torch.from_numpy(images), flip, shift),
                                   tta=False).numpy() for w, flip, shift in TTA_VIEWS[mode])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        # 40 images' views fit one batch of 1,000 and ran as one forward pass; in batches
+        # of 8 they run view by view, as a full evaluation does: the same logits
+        clf.batch_size = 8
+        np.testing.assert_allclose(clf.logits(images).numpy(), got, rtol=1e-5, atol=1e-5)
     assert abs(sum(w for w, _, _ in TTA_VIEWS["flip-shift"]) - 1.0) < 1e-12
 
 

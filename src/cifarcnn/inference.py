@@ -92,35 +92,51 @@ def view_logits(model: nn.Module, images: torch.Tensor, *, device: str, precisio
     """
     mean = torch.tensor(MEAN, device=device)
     std = torch.tensor(STD, device=device)
-    (w0, flip0, shift0), rest = TTA_VIEWS[tta][0], TTA_VIEWS[tta][1:]
-    assert not flip0 and not shift0, "the first TTA view is the image itself"
+    views = TTA_VIEWS[tta]
+    assert views[0][1:] == (False, 0), "the first TTA view is the image itself"
     out, plain = [], []
     runs = 0
     rank, world = shard
 
-    def logits_of_view(xb: torch.Tensor, flip: bool, shift: int) -> torch.Tensor:
-        x = augment.normalize(augment.view(xb, flip, shift), mean, std, channels_last,
-                              input_dtype(precision))
-        with autocast(device, precision):
-            return model(x).float()
+    def run_views(xb: torch.Tensor, chosen: list[tuple[float, bool, int]]) -> list[torch.Tensor]:
+        """Each chosen view's logits. A batch whose views fit in one batch_size runs them
+        as one forward pass: for predict's few images and serve's small batches that is
+        ~2x faster (one image's six views of `fast`: 17 ms against 39 ms on an AVX2 EPYC);
+        a full evaluation batch runs view by view, as it always has."""
+        if len(chosen) > 1 and len(xb) * len(chosen) <= batch_size:
+            batches = [torch.cat([augment.view(xb, f, s) for _, f, s in chosen])]
+        else:
+            batches = [augment.view(xb, f, s) for _, f, s in chosen]
+        logits = []
+        for x in batches:
+            x = augment.normalize(x, mean, std, channels_last, input_dtype(precision))
+            with autocast(device, precision):
+                logits.extend(model(x).float().split(len(xb)))
+        return logits
+
+    def average(chosen: list[tuple[float, bool, int]], logits: list[torch.Tensor]) -> torch.Tensor:
+        total = logits[0] * chosen[0][0]
+        for (weight, _, _), view in zip(chosen[1:], logits[1:], strict=True):
+            total = total + view * weight
+        return total
 
     for i in range(rank * batch_size, len(images), batch_size * world):
         xb = images[i:i + batch_size].to(device, non_blocking=True)
-        single = logits_of_view(xb, False, 0)
+        if gate is None or len(views) == 1:
+            logits = run_views(xb, views)
+            single = logits[0]
+            total = average(views, logits) if len(views) > 1 else single
+            runs += len(xb) * len(views)
+        else:
+            single = run_views(xb, views[:1])[0]
+            pick = (single.softmax(1).amax(1) < gate).nonzero().squeeze(1)
+            unsure = xb.index_select(0, pick)
+            total = single
+            if len(unsure):
+                logits = [single.index_select(0, pick), *run_views(unsure, views[1:])]
+                total = single.index_copy(0, pick, average(views, logits))
+            runs += len(xb) + len(unsure) * (len(views) - 1)
         plain.append(single)
-        runs += len(xb)
-        total = single
-        if rest:
-            pick = None
-            if gate is not None:
-                pick = (single.softmax(1).amax(1) < gate).nonzero().squeeze(1)
-                xb = xb.index_select(0, pick)
-            avg = (single if pick is None else single.index_select(0, pick)) * w0
-            if len(xb):
-                for weight, flip, shift in rest:
-                    avg = avg + logits_of_view(xb, flip, shift) * weight
-            runs += len(xb) * len(rest)
-            total = avg if pick is None else single.index_copy(0, pick, avg)
         out.append(total)
     if not out:
         empty = torch.empty(0, 10, device=device)
