@@ -219,3 +219,21 @@ def test_throughput_benchmark_prints_a_row_per_setting():
         ("8", "2", "1"), ("8", "2", "3")]
     for row in rows:
         assert float(row[4]) > 0 and float(row[7]) >= 1.0
+
+
+def test_an_ipv6_address_serves(clf):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    srv = make_server(clf, host="::1", port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        conn = http.client.HTTPConnection("::1", srv.server_address[1], timeout=60)
+        conn.request("GET", "/health")
+        assert json.loads(conn.getresponse().read())["model"] == "paper-cnn"
+        conn.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()

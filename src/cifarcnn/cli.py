@@ -357,9 +357,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
-    print(f"serving {clf.path} ({clf.meta.get('model')}, TTA {clf.tta}) on http://{host}:{port}"
-          f"/ : POST an image file to /predict (curl --data-binary @photo.jpg "
-          f"http://{host}:{port}/predict); GET /health; Ctrl-C stops", flush=True)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    print(f"serving {clf.path} ({clf.meta.get('model')}, TTA {clf.tta}) on {url}/ : POST an "
+          f"image file to /predict (curl --data-binary @photo.jpg {url}/predict); GET /health; "
+          "Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import sys
 import threading
 import time
@@ -226,6 +227,8 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
             super().server_close()
             batcher.stop()
 
+    if ":" in host:  # an IPv6 address such as ::1 or ::
+        Server.address_family = socket.AF_INET6
     try:
         server = Server((host, port), Handler)
     except OSError as e:
