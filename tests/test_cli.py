@@ -14,12 +14,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, env_extra=None, cwd=None):
+def run(*args, env_extra=None, cwd=None, stdin=None):
     import os
 
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "cifarcnn", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=300)
+                          text=True, env=env, cwd=cwd, timeout=300, stdin=stdin)
 
 
 def assert_one_line_error(r, *needles):
@@ -217,6 +217,13 @@ def test_predict_any_image_and_unreadable_image(trained, tmp_path):
     assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
     r = run("predict", "--weights", str(tmp / "run"), str(gray), "--top", "10", "--json")
     assert abs(sum(t["probability"] for t in json.loads(r.stdout)["top"]) - 1) < 1e-4
+    with open(big, "rb") as f:  # - : one image on standard input, as a pipe gives it
+        r = run("predict", "--weights", str(tmp / "run"), "-", str(gray), "--json", stdin=f)
+    assert r.returncode == 0, r.stderr
+    assert [o["file"] for o in json.loads(r.stdout)] == ["-", str(gray)]
+    assert json.loads(r.stdout)[0]["top"] == out[0]["top"]
+    r = run("predict", "--weights", str(tmp / "run"), "-", "-")
+    assert_one_line_error(r, "standard input", "twice")
     # a folder: its image files at any depth, sorted; other files passed over
     (tmp_path / "album" / "b").mkdir(parents=True)
     shutil.copy(gray, tmp_path / "album" / "b" / "z.PNG")

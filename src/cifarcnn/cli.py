@@ -408,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--download", action="store_true")
     predict = sub.choices["predict"]
     predict.add_argument("images", nargs="+", metavar="IMG",
-                         help="image files, any size/mode, or folders of them")
+                         help="image files, any size/mode, or folders of them; - reads one "
+                         "from standard input")
     predict.add_argument("--top", type=int, default=3, help="classes to show per image")
     serve = sub.choices["serve"]
     serve.add_argument("--host", default="127.0.0.1",

@@ -8,6 +8,7 @@ precision, so reloaded weights reproduce the printed accuracy to the image.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -264,7 +265,8 @@ def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     A folder's files are those whose suffix names a format PIL reads (.png,
     .jpg, ...), in sorted order at any depth, so `predict photos/` does what a
     shell glob would, without one; other files there (notes, PDFs) are passed
-    over.
+    over. `-` is one image read from standard input (`curl ... | cifarcnn
+    predict -`).
     """
     from PIL import Image
 
@@ -272,6 +274,8 @@ def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     suffixes = {ext.lower() for ext, fmt in Image.registered_extensions().items()
                 if fmt in Image.OPEN}
     files: list[Path] = []
+    if sum(str(p) == "-" for p in paths) > 1:
+        raise CifarError("- (standard input) given twice: it holds one image")
     for p in map(Path, paths):
         if not p.is_dir():
             files.append(p)
@@ -289,7 +293,7 @@ def read_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     batch = []
     for p in paths:
         try:
-            data = Path(p).read_bytes()
+            data = sys.stdin.buffer.read() if str(p) == "-" else Path(p).read_bytes()
         except OSError as e:
             raise CifarError(f"{p}: cannot read the image ({e.strerror})") from None
         batch.append(decode_image(data, str(p)))
