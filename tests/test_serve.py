@@ -128,7 +128,7 @@ def test_bad_requests_get_one_clear_error_and_the_server_goes_on(server):
 def test_keep_alive_and_stalled_clients(clf, capfd):
     """Two requests on one connection; a client that stops mid-body is cut off after the
     timeout without a traceback, and the server goes on."""
-    srv = make_server(clf, port=0, timeout=0.5)
+    srv = make_server(clf, port=0, timeout=2.0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
