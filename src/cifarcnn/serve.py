@@ -112,7 +112,9 @@ class Batcher:
     def _run(self, batch: list[tuple[np.ndarray, Future]]) -> None:
         try:
             probs = self.classifier.predict(np.stack([image for image, _ in batch]))
-        except Exception as e:  # every waiting request must hear of it
+            if len(probs) != len(batch):
+                raise RuntimeError(f"{len(probs)} answers for {len(batch)} images")
+        except Exception as e:  # every waiting request must hear of it; the worker goes on
             for _, fut in batch:
                 fut.set_exception(e)
             return
