@@ -153,8 +153,14 @@ def test_keep_alive_and_stalled_clients(clf, capfd):
 def test_a_failing_model_answers_500_to_each_waiting_request(clf):
     class Broken:
         classes, meta, path, tta = clf.classes, clf.meta, clf.path, clf.tta
+        def __init__(self):
+            self.failures = ["out of memory", "short"]
 
         def predict(self, x):
+            if not self.failures:
+                return clf.predict(x)
+            if self.failures.pop(0) == "short":
+                return clf.predict(x)[:0]  # no answers at all
             raise RuntimeError("out of memory")
 
     srv = make_server(Broken(), port=0)
@@ -162,6 +168,9 @@ def test_a_failing_model_answers_500_to_each_waiting_request(clf):
     try:
         status, r = request(srv, "POST", "/predict", images(1)[0])
         assert status == 500 and "out of memory" in r["error"]
+        status, r = request(srv, "POST", "/predict", images(1)[0])
+        assert status == 500 and "0 answers for 1 images" in r["error"]
+        assert request(srv, "POST", "/predict", images(1)[0])[0] == 200  # the worker lives
     finally:
         srv.shutdown()
         srv.server_close()
