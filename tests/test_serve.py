@@ -125,6 +125,50 @@ def test_bad_requests_get_one_clear_error_and_the_server_goes_on(server):
     assert status == 200
 
 
+def form(*fields, boundary="----cifarcnn7MA4YWxk"):
+    """A multipart/form-data body as curl -F builds it: (name, filename or None, bytes)."""
+    body = b""
+    for name, filename, data in fields:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename
+                                                      else "")
+        body += (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+                 "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_a_form_upload_answers_each_file_in_order_and_top_is_per_request(server, clf):
+    files = images(3, seed=4)
+    expect = clf.predict(np.stack([decode_image(f, "x") for f in files]))
+    status, r = request(server, "POST", "/predict?top=1",
+                        *form(*[("file", f"photo {i}.png", f) for i, f in enumerate(files)]))
+    assert status == 200
+    assert [a["file"] for a in r["predictions"]] == ["photo 0.png", "photo 1.png", "photo 2.png"]
+    for a, p in zip(r["predictions"], expect, strict=True):
+        np.testing.assert_allclose([a["probabilities"][c] for c in clf.classes], p, atol=2e-3)
+        assert [t["class"] for t in a["top"]] == [clf.classes[int(np.argmax(p))]]
+    status, r = request(server, "POST", "/predict?top=5", files[0])  # the server's is 2
+    assert status == 200 and len(r["top"]) == 5 and "predictions" not in r
+
+
+def test_bad_forms_and_queries_get_a_400_that_says_what_to_send(server):
+    png = images(1, seed=5)[0]
+    for (body, headers), words, hint in [
+            (form(("file", None, b"photo.jpg")), "form field 'file' is not a file", "-F file=@"),
+            (form(("file", "notes.txt", b"hello")), "form file 'notes.txt': not a readable",
+             "image files only"),
+            (form(), "no parts to read", "-F file=@"),
+            ((png, {"Content-Type": "multipart/form-data"}), "no parts to read", "-F file=@")]:
+        status, r = request(server, "POST", "/predict", body, headers)
+        assert status == 400 and words in r["error"] and hint in r["error"], r
+    for query, words in [("top=0", "?top=0: give a whole number from 1 to 10"),
+                         ("top=11", "from 1 to 10"), ("top=x", "?top=x"),
+                         ("tpo=3", "unknown query parameter 'tpo'")]:
+        status, r = request(server, "POST", f"/predict?{query}", png)
+        assert status == 400 and words in r["error"], r
+    assert request(server, "POST", "/predict", *form(("f", "a.png", png)))[0] == 200
+
+
 def test_keep_alive_and_stalled_clients(clf, capfd):
     """Two requests on one connection; a client that stops mid-body is cut off after the
     timeout without a traceback, and the server goes on."""

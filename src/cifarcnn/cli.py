@@ -359,8 +359,9 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     host, port = server.server_address[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serving {clf.path} ({clf.meta.get('model')}, TTA {clf.tta}) on {url}/ : POST an "
-          f"image file to /predict (curl --data-binary @photo.jpg {url}/predict); GET /health; "
-          "Ctrl-C stops", flush=True)
+          f"image file to /predict (curl --data-binary @photo.jpg {url}/predict, or several: "
+          f"curl -F file=@a.jpg -F file=@b.png {url}/predict); GET /health; Ctrl-C stops",
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -3,6 +3,10 @@
     POST /predict   body: one image file's bytes (any size and format PIL reads, as
                     `predict` takes) -> {"top": [{"class", "probability"}, ...],
                     "probabilities": {class: p, ...}}
+                    or a multipart/form-data upload of one or more files (what
+                    `curl -F file=@photo.jpg` and browsers' forms send) ->
+                    {"predictions": [{"file", "top", "probabilities"}, ...]}
+                    in the form's order; `?top=K` overrides the server's --top
     GET  /health    the model, its weights, TTA, precision and request/batch counts
 
 Requests are handled on threads, but the model runs on one worker that takes
@@ -18,6 +22,8 @@ A bad request gets a JSON {"error": ...} with a 4xx status and changes nothing.
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import json
 import queue
 import socket
@@ -29,6 +35,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
@@ -37,6 +44,50 @@ from .errors import CifarError
 from .inference import check_top, top_classes
 
 MAX_BODY = 32 * 1024 * 1024  # bytes: far above any photo, far below what hurts the server
+FORM_HINT = "send images as file fields: curl -F file=@photo.jpg [-F file=@other.png]"
+
+
+class BadRequest(CifarError):
+    """What the client sent is wrong: a 400 with this message, and the server goes on."""
+
+
+def form_files(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """The (filename, bytes) of each file in a multipart/form-data body, in order.
+
+    The standard library's email parser reads the MIME structure (the `cgi`
+    module that once did is gone from Python 3.13). A field that is not a file
+    is refused rather than ignored: a client that sent `-F file=photo.jpg`
+    (the name, without the @) should hear that no image came.
+    """
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        why = type(msg.defects[0]).__name__ if msg.defects else "no parts"
+        raise BadRequest(f"a multipart/form-data body with no parts to read ({why}); "
+                         + FORM_HINT)
+    files = []
+    for i, part in enumerate(msg.iter_parts()):
+        name = part.get_param("name", header="content-disposition") or f"#{i + 1}"
+        filename = part.get_filename()
+        if filename is None:
+            raise BadRequest(f"form field {name!r} is not a file; {FORM_HINT}")
+        # a form whose file input was left empty sends filename="" and no bytes
+        files.append((filename or name, part.get_payload(decode=True) or b""))
+    return files
+
+
+def query_top(query: str, default: int, classes: int) -> int:
+    """`top` from a request's query string (?top=5), else the server's own."""
+    params = parse_qs(query, keep_blank_values=True)
+    unknown = sorted(set(params) - {"top"})
+    if unknown:
+        raise BadRequest(f"unknown query parameter {unknown[0]!r}; the one there is: ?top=K")
+    if "top" not in params:
+        return default
+    value = params["top"][-1]
+    if not value.isdigit() or not 1 <= int(value) <= classes:
+        raise BadRequest(f"?top={value}: give a whole number from 1 to {classes}")
+    return int(value)
 
 
 class Batcher:
@@ -164,7 +215,7 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # the name http.server calls
-            if self.path.split("?")[0] in ("/", "/health"):
+            if urlsplit(self.path).path in ("/", "/health"):
                 self._reply(200, {**info, "requests": batcher.requests,
                                   "batches": batcher.batches})
             else:
@@ -172,7 +223,8 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
                                            "to /predict, or GET /health"})
 
         def do_POST(self) -> None:
-            if self.path.split("?")[0] != "/predict":
+            url = urlsplit(self.path)
+            if url.path != "/predict":
                 self._reply(404, {"error": f"{self.path}: no such endpoint; POST an image "
                                            "to /predict"}, close=True)
                 return
@@ -193,21 +245,35 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
                 if len(data) < size:  # the client closed the connection mid-body
                     self.close_connection = True
                     return
+                form = self.headers.get_content_type() == "multipart/form-data"
                 try:
-                    image = decode_image(data, "the request body", hint="send one image "
-                                         "file's bytes as the body (PNG, JPEG, ...)")
+                    k = query_top(url.query, top, len(classes))
+                    if form:
+                        named = form_files(self.headers["Content-Type"], data)
+                        images = [decode_image(blob, f"form file {name!r}", hint="send "
+                                               "image files only (PNG, JPEG, ...)")
+                                  for name, blob in named]
+                    else:
+                        images = [decode_image(data, "the request body", hint="send one "
+                                               "image file's bytes as the body (PNG, JPEG, "
+                                               "...), or a form: curl -F file=@photo.jpg")]
                 except CifarError as e:
                     self._reply(400, {"error": str(e)})
                     return
-                future = batcher.submit(image)
+                futures = [batcher.submit(image) for image in images]
             try:
-                p = future.result()
+                probs = [future.result() for future in futures]
             except Exception as e:  # the model failed, not the request
                 self._reply(500, {"error": f"the classifier failed: {e}"})
                 return
-            self._reply(200, {"top": top_classes(p, classes, top),
-                              "probabilities": {c: float(q) for c, q in zip(classes, p,
-                                                                            strict=True)}})
+            answers = [{"top": top_classes(p, classes, k),
+                        "probabilities": {c: float(q) for c, q in zip(classes, p, strict=True)}}
+                       for p in probs]
+            if form:
+                self._reply(200, {"predictions": [{"file": name, **a} for (name, _), a
+                                                  in zip(named, answers, strict=True)]})
+            else:
+                self._reply(200, answers[0])
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # one line per request would drown the terminal under load
