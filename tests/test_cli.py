@@ -135,6 +135,32 @@ def test_folders_without_weights_and_bad_labels_are_named(tmp_path):
     assert clf.evaluate(images, np.array([3, 3]))["accuracy"] in (0.0, 0.5, 1.0)
 
 
+def test_evaluate_counts_each_class_and_each_confusion():
+    import cifarcnn
+    from cifarcnn.cli import per_class_lines
+
+    clf = cifarcnn.load("paper-cnn")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 9, 300)  # no truck: a class with no images
+    r = clf.evaluate(images, labels)
+    pred = clf.predict(images).argmax(1)
+    m = np.array(r["confusion"])
+    assert m.shape == (10, 10) and m.sum() == 300 and np.trace(m) == r["correct"]
+    np.testing.assert_array_equal(m, np.histogram2d(labels, pred, bins=10,
+                                                    range=[[0, 10], [0, 10]])[0])
+    acc = r["per_class_accuracy"]
+    assert list(acc) == clf.classes and acc["truck"] is None
+    assert acc["cat"] == np.mean(pred[labels == 3] == 3)
+    text = per_class_lines(r, clf.classes)
+    assert f"cat {acc['cat']:.1%}" in text and "truck -" in text
+    rates = sorted((m[t, p] / m[t].sum() for t in range(9) for p in range(10) if t != p),
+                   reverse=True)
+    mistakes = text.splitlines()[-1].removeprefix("most confused: ").split(", ")
+    assert [float(x.split()[-1].rstrip("%")) for x in mistakes] == [
+        round(100 * f, 1) for f in rates[:3]]
+
+
 def test_missing_weights(tmp_path):
     r = run("evaluate", "--weights", str(tmp_path / "none.safetensors"))
     assert_one_line_error(r, "none.safetensors", "no such file")

@@ -121,6 +121,7 @@ def test_evaluation_under_ddp_equals_single_process(archive, tmp_path):
     for r in (r0, r1):  # both ranks report exactly what one process reports
         assert r["correct"] == single["correct"] and r["n"] == 2300
         assert r["accuracy_no_tta"] == single["accuracy_no_tta"]
+        assert r["confusion"] == single["confusion"]
         assert abs(r["loss"] - single["loss"]) < 1e-6
 
 

@@ -167,6 +167,12 @@ def test_predict_and_evaluate_accept_an_export(trained_run, tmp_path, capsys):
                                  "frog", "horse", "ship", "truck"))
     assert main(["evaluate", "--weights", str(out), "--data", str(data)]) == 0
     assert "test accuracy" in capsys.readouterr().out
+    # an export counts its confusions too (in bf16 the eager model may differ by an image)
+    assert main(["evaluate", "--weights", str(out), "--data", str(data), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    m = np.array(r["confusion"])
+    assert m.shape == (10, 10) and m.sum(1).tolist() == [2] * 10 and np.trace(m) == r["correct"]
+    assert list(r["per_class_accuracy"].values()) == (np.diag(m) / 2).tolist()
 
 
 def test_bench_modes_quick_look(tmp_path, capsys):

@@ -260,6 +260,22 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def per_class_lines(r: dict[str, Any], classes: list[str], confusions: int = 3) -> str:
+    """Each class's accuracy, five to a line, and the commonest mistakes: where a model
+    falls short (the cat/dog pair, in CIFAR-10) matters as much as its overall score."""
+    acc = [f"{c} {a:.1%}" if a is not None else f"{c} -"
+           for c, a in r["per_class_accuracy"].items()]
+    lines = ["per class: " + "  ".join(acc[:5])]
+    lines += [" " * 11 + "  ".join(acc[i:i + 5]) for i in range(5, len(acc), 5)]
+    m = r["confusion"]
+    mistakes = sorted(((m[t][p] / sum(m[t]), t, p) for t in range(len(m)) for p in range(len(m))
+                       if t != p and m[t][p]), reverse=True)[:confusions]
+    if mistakes:
+        lines.append("most confused: " + ", ".join(f"{classes[t]} as {classes[p]} {f:.1%}"
+                                                   for f, t, p in mistakes))
+    return "\n".join(lines)
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .datasets import load_cifar10
     from .inference import load
@@ -291,6 +307,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         if recorded.get(clf.tta) is not None:
             every = ", every view of every image" if clf.tta_gate and clf.tta != "none" else ""
             print(f"(recorded at training time{every}: {recorded[clf.tta]:.2%})")
+        print(per_class_lines(r, clf.classes))
     return 0
 
 

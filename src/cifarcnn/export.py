@@ -25,7 +25,7 @@ from torch import nn
 
 from .datasets import MEAN, STD
 from .errors import CifarError
-from .inference import TTA_VIEWS, Classifier, as_batch, read_images
+from .inference import TTA_VIEWS, Classifier, as_batch, per_class_accuracy, read_images
 from .weights import check_meta
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -174,8 +174,11 @@ class Exported:
         n = len(labels)
         correct = int((probs.argmax(1) == labels).sum())
         nll = -np.log(np.clip(probs[np.arange(n), labels], 1e-12, None))
+        k = len(self.classes)
+        confusion = np.bincount(labels * k + probs.argmax(1), minlength=k * k).reshape(k, k)
         return {"loss": float(nll.mean()) if n else float("nan"), "accuracy": correct / max(1, n),
-                "correct": correct, "n": n, "tta": self.tta}
+                "correct": correct, "n": n, "tta": self.tta, "confusion": confusion.tolist(),
+                "per_class_accuracy": per_class_accuracy(confusion.tolist(), self.classes)}
 
 
 def is_exported(path: Path) -> bool:

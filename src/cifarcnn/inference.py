@@ -162,7 +162,8 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
     `accuracy`/`loss` use the TTA logits; `accuracy_no_tta` is the single view;
     `views_per_image` is the forward passes run per image (the TTA's view
-    count, less with a `gate`). Under DDP (`world`) the ranks split the
+    count, less with a `gate`); `confusion[t][p]` counts the images of class t
+    predicted as p. Under DDP (`world`) the ranks split the
     batches and sum their counts, so every rank reports what a single process
     reports for the same weights.
     """
@@ -176,16 +177,22 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     mine = torch.cat([labels[i:i + batch_size] for i in range(
         world.rank * batch_size, len(labels), batch_size * world.size)] or [labels[:0]])
     mine = mine.to(logits.device)
+    classes = logits.shape[1]
     sums = torch.stack([F.cross_entropy(logits, mine, reduction="sum").double(),
                         (logits.argmax(1) == mine).sum().double(),
                         (plain.argmax(1) == mine).sum().double(),
                         torch.tensor(float(runs), dtype=torch.float64, device=logits.device)])
-    loss_sum, correct, correct_plain, runs_sum = all_reduce_sum(sums, world).tolist()
+    confusion = torch.bincount(mine * classes + logits.argmax(1), minlength=classes ** 2)
+    totals = all_reduce_sum(torch.cat([sums, confusion.double()]), world).tolist()
+    loss_sum, correct, correct_plain, runs_sum = totals[:4]
     n = len(labels)
     return {"loss": loss_sum / n if n else float("nan"), "accuracy": correct / max(1, n),
             "correct": int(correct), "n": n, "tta": tta,
             "accuracy_no_tta": correct_plain / max(1, n),
-            "views_per_image": runs_sum / max(1, n)}
+            "views_per_image": runs_sum / max(1, n),
+            # rows: the true class, columns: the predicted one (with the TTA)
+            "confusion": [[int(v) for v in totals[4 + r * classes:4 + (r + 1) * classes]]
+                          for r in range(classes)]}
 
 
 class Classifier:
@@ -239,11 +246,20 @@ class Classifier:
             raise CifarError(f"labels must be whole numbers 0-{len(self.classes) - 1}, one per "
                              f"image: got {labels.dtype} of shape {labels.shape} for "
                              f"{len(images)} images")
-        return evaluate_arrays(self.model, torch.from_numpy(np.ascontiguousarray(images)),
-                               torch.from_numpy(labels.astype(np.int64)),
-                               device=self.device, precision=self.precision,
-                               batch_size=self.batch_size, channels_last=self.channels_last,
-                               tta=tta_mode(tta, self.tta), gate=self.tta_gate)
+        r = evaluate_arrays(self.model, torch.from_numpy(np.ascontiguousarray(images)),
+                            torch.from_numpy(labels.astype(np.int64)),
+                            device=self.device, precision=self.precision,
+                            batch_size=self.batch_size, channels_last=self.channels_last,
+                            tta=tta_mode(tta, self.tta), gate=self.tta_gate)
+        r["per_class_accuracy"] = per_class_accuracy(r["confusion"], self.classes)
+        return r
+
+
+def per_class_accuracy(confusion: list[list[int]], classes: Sequence[str]) -> dict[str, Any]:
+    """Each class's accuracy from a confusion matrix (rows: true class); a class with no
+    images has None, not a 0% it never earned."""
+    return {c: row[i] / sum(row) if sum(row) else None
+            for i, (c, row) in enumerate(zip(classes, confusion, strict=True))}
 
 
 def check_top(k: int) -> int:
