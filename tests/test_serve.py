@@ -19,7 +19,7 @@ import cifarcnn
 from cifarcnn.cli import main
 from cifarcnn.datasets import decode_image
 from cifarcnn.errors import CifarError
-from cifarcnn.serve import MAX_BODY, Batcher, make_server
+from cifarcnn.serve import MAX_BODY, MAX_FILES, Batcher, make_server
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,9 @@ def test_bad_forms_and_queries_get_a_400_that_says_what_to_send(server):
             (form(("file", "notes.txt", b"hello")), "form file 'notes.txt': not a readable",
              "image files only"),
             (form(), "no parts to read", "-F file=@"),
-            ((png, {"Content-Type": "multipart/form-data"}), "no parts to read", "-F file=@")]:
+            ((png, {"Content-Type": "multipart/form-data"}), "no parts to read", "-F file=@"),
+            (form(*[("f", "a.png", png)] * (MAX_FILES + 1)), f"at most {MAX_FILES:,} images",
+             "further requests")]:
         status, r = request(server, "POST", "/predict", body, headers)
         assert status == 400 and words in r["error"] and hint in r["error"], r
     for query, words in [("top=0", "?top=0: give a whole number from 1 to 10"),

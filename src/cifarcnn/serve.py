@@ -44,6 +44,7 @@ from .errors import CifarError
 from .inference import check_top, top_classes
 
 MAX_BODY = 32 * 1024 * 1024  # bytes: far above any photo, far below what hurts the server
+MAX_FILES = 1024  # per form: a body of tiny images could otherwise queue ~10^5 of them
 FORM_HINT = "send images as file fields: curl -F file=@photo.jpg [-F file=@other.png]"
 
 
@@ -65,8 +66,12 @@ def form_files(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
         why = type(msg.defects[0]).__name__ if msg.defects else "no parts"
         raise BadRequest(f"a multipart/form-data body with no parts to read ({why}); "
                          + FORM_HINT)
+    parts = list(msg.iter_parts())
+    if len(parts) > MAX_FILES:
+        raise BadRequest(f"a form of {len(parts):,} fields; at most {MAX_FILES:,} images per "
+                         "request, please (send the rest in further requests)")
     files = []
-    for i, part in enumerate(msg.iter_parts()):
+    for i, part in enumerate(parts):
         name = part.get_param("name", header="content-disposition") or f"#{i + 1}"
         filename = part.get_filename()
         if filename is None:
