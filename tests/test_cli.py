@@ -285,3 +285,26 @@ def test_our_warnings_print_as_one_line_without_a_source_path(monkeypatch, capsy
     assert err[0].startswith("cifarcnn train: warning: --precision bf16 on a CPU without bf16")
     assert err[1].startswith("cifarcnn train: error: --data /nonexistent")
     assert len(err) == 2 and "config.py" not in "\n".join(err)
+
+
+def test_read_images_keeps_the_order_and_names_the_first_bad_file(tmp_path):
+    """Files are decoded on several threads: the batch must still follow the paths, and
+    the error be the one reading them one by one gives."""
+    from formats import png_bytes
+
+    from cifarcnn.datasets import decode_image
+    from cifarcnn.errors import CifarError
+    from cifarcnn.inference import read_images
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(40):
+        paths.append(tmp_path / f"{i:02d}.png")
+        paths[-1].write_bytes(png_bytes(rng.integers(0, 256, (8 + i, 40, 3), dtype=np.uint8)))
+    expect = np.stack([decode_image(p.read_bytes(), str(p)) for p in paths])
+    np.testing.assert_array_equal(read_images(paths), expect)
+    paths[7].write_bytes(b"broken")
+    paths[30].unlink()
+    with pytest.raises(CifarError, match=r"07\.png: not a readable image"):
+        read_images(paths)
+
