@@ -308,3 +308,18 @@ def test_read_images_keeps_the_order_and_names_the_first_bad_file(tmp_path):
     with pytest.raises(CifarError, match=r"07\.png: not a readable image"):
         read_images(paths)
 
+
+def test_version_help_and_flag_errors_answer_without_importing_torch():
+    """torch takes ~2 s to import: a typo or --help should not wait for it."""
+    code = ("import sys, cifarcnn\nfrom cifarcnn.cli import main\n"
+            "for argv in (['--version'], ['--help'], ['train', '--epochs', 'x']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)\n"
+            "print(cifarcnn.load.__module__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0].startswith("cifarcnn 0.1.0 (torch ") and "Python 3." in out[0]
+    assert out[-2:] == ["False", "cifarcnn.inference"]  # load() still there, on first use
+    assert "invalid int value: 'x'" in r.stderr
+

@@ -399,6 +399,17 @@ def _cmd_models(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifarcnn", description="Train, evaluate and serve "
                                      "CNN classifiers on CIFAR-10.")
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:  # read from the installed package's metadata: importing torch takes seconds
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    # the versions a bug report needs
+    parser.add_argument("--version", action="version", version=f"cifarcnn {__version__} "
+                        f"(torch {torch_version}, Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_experiment_and_report(sub)
