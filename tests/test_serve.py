@@ -2,6 +2,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -169,6 +170,61 @@ def test_bad_forms_and_queries_get_a_400_that_says_what_to_send(server):
         status, r = request(server, "POST", f"/predict?{query}", png)
         assert status == 400 and words in r["error"], r
     assert request(server, "POST", "/predict", *form(("f", "a.png", png)))[0] == 200
+
+
+# runs the page's own script in node against the live server, with just enough of a DOM
+HARNESS = """
+const [base, script, ...pngs] = process.argv.slice(2);
+function node(tag) {
+  return {tag, children: [], classList: {add() {}, remove() {}}, style: {}, text: "",
+          set textContent(v) { this.text = v; this.children = []; },
+          get textContent() { return this.text + this.children.map(c => c.textContent).join(""); },
+          append(...c) { this.children.push(...c); }, replaceChildren(...c) { this.children = c; }};
+}
+const ids = {};
+globalThis.document = {getElementById: id => ids[id] ??= node(id), createElement: node};
+let pending;
+globalThis.fetch = ((real) => (url, opts) => (pending = real(base + url, opts)))(fetch);
+eval(require("fs").readFileSync(script, "utf8"));
+const files = pngs.map((f, i) => new File([require("fs").readFileSync(f)], `photo ${i}.png`));
+ids.files.onchange({target: {files}});
+pending.then(() => new Promise(r => setTimeout(r, 50))).then(() => {
+  console.log(JSON.stringify(ids.out.children.map(row => ({
+    lines: row.children[1].children.map(c => c.textContent), img: row.children[0].src,
+    bars: row.children[1].children.slice(1).map(c => c.children[0].style.width)}))));
+});
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page's script")
+def test_the_browser_page_classifies_the_chosen_files_through_predict(server, clf, tmp_path):
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    page = r.read().decode()
+    conn.close()
+    assert r.status == 200 and r.getheader("Content-Type") == "text/html; charset=utf-8"
+    assert "<title>cifarcnn: paper-cnn</title>" in page and "TTA flip" in page
+    (tmp_path / "page.js").write_text(page.split("<script>")[1].split("</script>")[0])
+    (tmp_path / "harness.js").write_text(HARNESS)
+    files = images(2, seed=6)
+    for i, f in enumerate(files):
+        (tmp_path / f"{i}.png").write_bytes(f)
+    host, port = server.server_address[:2]
+    base = f"http://{host}:{port}/"
+    out = subprocess.run(["node", str(tmp_path / "harness.js"), base, str(tmp_path / "page.js"),
+                          str(tmp_path / "0.png"), str(tmp_path / "1.png")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    expect = clf.predict(np.stack([decode_image(f, "x") for f in files]))
+    assert [row["lines"][0] for row in rows] == ["photo 0.png", "photo 1.png"]
+    for row, p in zip(rows, expect, strict=True):
+        top = np.argsort(p)[::-1][:2]  # the server's --top 2
+        assert [line.split()[0] for line in row["lines"][1:]] == [clf.classes[i] for i in top]
+        shown = [float(line.split()[1].rstrip("%")) for line in row["lines"][1:]]
+        np.testing.assert_allclose(shown, 100 * p[top], atol=0.2)
+        assert row["img"].startswith("blob:") and all(b.endswith("em") for b in row["bars"])
 
 
 def test_keep_alive_and_stalled_clients(clf, capfd):

@@ -8,6 +8,7 @@
                     {"predictions": [{"file", "top", "probabilities"}, ...]}
                     in the form's order; `?top=K` overrides the server's --top
     GET  /health    the model, its weights, TTA, precision and request/batch counts
+    GET  /          a page to classify images from a browser (through /predict)
 
 Requests are handled on threads, but the model runs on one worker that takes
 every image waiting (up to `max_batch`) as one batch: a forward pass of 32
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import html
 import json
 import queue
 import socket
@@ -34,6 +36,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -79,6 +82,66 @@ def form_files(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
         # a form whose file input was left empty sends filename="" and no bytes
         files.append((filename or name, part.get_payload(decode=True) or b""))
     return files
+
+
+# GET / in a browser: choose or drop images, see each one's top classes. Plain HTML and a
+# few lines of script that post the files as a form, as curl -F does; nothing is fetched
+# from elsewhere, so it works on a machine with no internet.
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cifarcnn: {model}</title>
+<style>
+body {{ font: 15px system-ui, sans-serif; max-width: 46em; margin: 2em auto; padding: 0 1em; }}
+#drop {{ border: 2px dashed #999; border-radius: 8px; padding: 2em; text-align: center; }}
+#drop.over {{ background: #eef; }}
+.row {{ display: flex; gap: 1em; align-items: center; margin: .8em 0; }}
+.row img {{ width: 64px; height: 64px; object-fit: cover; image-rendering: pixelated; }}
+.bar {{ background: #4a7; height: .6em; display: inline-block; vertical-align: middle; }}
+.err {{ color: #b00; }}
+</style></head><body>
+<h1>cifarcnn</h1>
+<p>{model} ({weights}), TTA {tta}. Classes: {classes}.</p>
+<div id="drop"><p>Drop images here, or</p>
+<input type="file" id="files" accept="image/*" multiple></div>
+<div id="out"></div>
+<script>
+const out = document.getElementById("out"), drop = document.getElementById("drop");
+function fail(message) {{
+  const p = document.createElement("p"); p.className = "err"; p.textContent = message;
+  out.replaceChildren(p);
+}}
+function classify(files) {{
+  if (!files.length) return;
+  const form = new FormData();
+  for (const f of files) form.append("file", f, f.name);
+  out.textContent = "classifying " + files.length + " image(s)...";
+  fetch("predict?top={top}", {{method: "POST", body: form}})
+    .then(r => r.json()).then(r => {{
+      out.textContent = "";
+      if (r.error) return fail(r.error);
+      r.predictions.forEach((p, i) => {{
+        const row = document.createElement("div"); row.className = "row";
+        const img = document.createElement("img"); img.src = URL.createObjectURL(files[i]);
+        const text = document.createElement("div"), name = document.createElement("b");
+        name.textContent = p.file;  // text, never markup: names come from the client
+        text.append(name);
+        for (const t of p.top) {{
+          const line = document.createElement("div"), bar = document.createElement("span");
+          const label = document.createElement("span");
+          bar.className = "bar"; bar.style.width = (8 * t.probability) + "em";
+          label.textContent = " " + t.class + " " + (100 * t.probability).toFixed(1) + "%";
+          line.append(bar, label); text.append(line);
+        }}
+        row.append(img, text); out.append(row);
+      }});
+    }}).catch(e => fail(String(e)));
+}}
+document.getElementById("files").onchange = e => classify([...e.target.files]);
+drop.ondragover = e => {{ e.preventDefault(); drop.classList.add("over"); }};
+drop.ondragleave = () => drop.classList.remove("over");
+drop.ondrop = e => {{ e.preventDefault(); drop.classList.remove("over");
+                      classify([...e.dataTransfer.files]); }};
+</script></body></html>
+"""
 
 
 def query_top(query: str, default: int, classes: int) -> int:
@@ -198,6 +261,9 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
             "tta_gate": getattr(classifier, "tta_gate", None),
             "precision": getattr(classifier, "precision", None),
             "device": getattr(classifier, "device", "cpu")}
+    page = PAGE.format(**{k: html.escape(str(v)) for k, v in (
+        ("model", info["model"]), ("weights", Path(info["weights"]).name), ("tta", info["tta"]),
+        ("classes", ", ".join(classes)))}, top=top)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "cifarcnn"
@@ -220,12 +286,20 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # the name http.server calls
-            if urlsplit(self.path).path in ("/", "/health"):
+            path = urlsplit(self.path).path
+            if path == "/health":
                 self._reply(200, {**info, "requests": batcher.requests,
                                   "batches": batcher.batches})
+            elif path == "/":
+                body = page.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
             else:
                 self._reply(404, {"error": f"{self.path}: no such endpoint; POST an image "
-                                           "to /predict, or GET /health"})
+                                           "to /predict, GET /health, or open / in a browser"})
 
         def do_POST(self) -> None:
             url = urlsplit(self.path)
