@@ -69,7 +69,7 @@ def measure(port: int, clients: int, requests: int, body: bytes) -> dict:
     batches = after["batches"] - before["batches"]
     return {"rps": requests / wall, "p50": statistics.median(lat) * 1e3,
             "p95": lat[int(0.95 * (len(lat) - 1))] * 1e3,
-            "batch": (after["requests"] - before["requests"]) / max(1, batches)}
+            "batch": (after["images"] - before["images"]) / max(1, batches)}
 
 
 def main() -> None:

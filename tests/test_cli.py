@@ -22,6 +22,20 @@ def run(*args, env_extra=None, cwd=None, stdin=None):
                           text=True, env=env, cwd=cwd, timeout=300, stdin=stdin)
 
 
+def here(capsys, *args):
+    """What `run` gives, from the CLI run in this process: without the 2-3 s a fresh
+    interpreter takes to import torch and load the weights each time."""
+    from cifarcnn.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def assert_one_line_error(r, *needles):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
@@ -31,24 +45,25 @@ def assert_one_line_error(r, *needles):
         assert n in lines[0], lines[0]
 
 
-def test_missing_data(tmp_path):
-    r = run("train", "--out", str(tmp_path / "r"), env_extra={"CIFAR10_DATA": ""})
+def test_missing_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CIFAR10_DATA", "")
+    r = here(capsys, "train", "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "--data", "$CIFAR10_DATA", "--download")
-    r = run("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
+    r = here(capsys, "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "nope", "no such file")
 
 
-def test_unknown_model(tmp_path):
-    r = run("train", "--model", "vgg99", "--out", str(tmp_path / "r"))
+def test_unknown_model(tmp_path, capsys):
+    r = here(capsys, "train", "--model", "vgg99", "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "unknown model 'vgg99'")
 
 
-def test_bad_resizing_flags(tmp_path):
-    r = run("train", "--model", "fast", "--downscale", "4", "--out", str(tmp_path / "r"))
+def test_bad_resizing_flags(tmp_path, capsys):
+    r = here(capsys, "train", "--model", "fast", "--downscale", "4", "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "--downscale 4", "8 to 32 pixels")
     assert not (tmp_path / "r").exists()
     # the paper's nets end in fully connected layers sized for 32x32 inputs
-    r = run("train", "--model", "paper-cnn", "--low-res", "24", "--low-res-epochs", "1",
+    r = here(capsys, "train", "--model", "paper-cnn", "--low-res", "24", "--low-res-epochs", "1",
             "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "paper-cnn takes 32x32 images only", "--model fast")
     assert not (tmp_path / "r").exists()
@@ -161,12 +176,12 @@ def test_evaluate_counts_each_class_and_each_confusion():
         round(100 * f, 1) for f in rates[:3]]
 
 
-def test_missing_weights(tmp_path):
-    r = run("evaluate", "--weights", str(tmp_path / "none.safetensors"))
+def test_missing_weights(tmp_path, capsys):
+    r = here(capsys, "evaluate", "--weights", str(tmp_path / "none.safetensors"))
     assert_one_line_error(r, "none.safetensors", "no such file")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not really")
-    r = run("predict", "--weights", str(bad), str(bad))
+    r = here(capsys, "predict", "--weights", str(bad), str(bad))
     assert_one_line_error(r, "bad.safetensors", "not a safetensors")
 
 
@@ -183,11 +198,11 @@ def trained(tmp_path_factory):
     return tmp, arc, r
 
 
-def test_bad_model_argument_values_stop_before_the_run_starts(trained, tmp_path):
+def test_bad_model_argument_values_stop_before_the_run_starts(trained, tmp_path, capsys):
     _, arc, _ = trained
     for arg, needle in (("extra_convs=[0,-1,0]", "three counts >= 0"),
                         ("whiten_dims=13", "whiten_dims=13"), ("depth=3", "bad model arguments")):
-        r = run("train", "--model", "fast", "--model-arg", arg, "--data", str(arc),
+        r = here(capsys, "train", "--model", "fast", "--model-arg", arg, "--data", str(arc),
                 "--out", str(tmp_path / "r"))
         assert_one_line_error(r, "model fast", needle)
         assert not (tmp_path / "r").exists()
@@ -207,48 +222,50 @@ def test_evaluate_reproduces_training_accuracy(trained):
     assert json.loads(r.stdout)["correct"] == summary["val_correct"]
 
 
-def test_evaluate_with_a_tta_gate_reports_its_views_and_refuses_bad_gates(trained):
+def test_evaluate_with_a_tta_gate_reports_its_views_and_refuses_bad_gates(trained, capsys,
+                                                                          monkeypatch):
     tmp, arc, _ = trained
-    home = {"CIFARCNN_HOME": str(tmp / "home")}
-    r = run("evaluate", "--weights", str(tmp / "run"), "--data", str(arc), "--tta-gate", "0.5",
-            env_extra=home)
+    monkeypatch.setenv("CIFARCNN_HOME", str(tmp / "home"))
+    r = here(capsys, "evaluate", "--weights", str(tmp / "run"), "--data", str(arc), "--tta-gate",
+             "0.5")
     assert r.returncode == 0, r.stderr
     assert "with flip TTA (" in r.stdout
     views = float(r.stdout.split("; TTA gated at 0.5: ")[1].split(" views per image\n")[0])
     assert 1 <= views <= 2
     assert "recorded at training time, every view of every image:" in r.stdout
-    r = run("predict", "--weights", str(tmp / "run"), "--tta-gate", "1.5", "x.png")
+    r = here(capsys, "predict", "--weights", str(tmp / "run"), "--tta-gate", "1.5", "x.png")
     assert_one_line_error(r, "TTA gate 1.5", "between 0 and 1")
     # an export runs its views inside its graph: evaluated as it is, refused with a gate
-    r = run("export", "--weights", str(tmp / "run"), "--format", "torchscript", "--out",
-            str(tmp / "m.pt"), "--no-check")
+    r = here(capsys, "export", "--weights", str(tmp / "run"), "--format", "torchscript", "--out",
+             str(tmp / "m.pt"), "--no-check")
     assert r.returncode == 0, r.stderr
-    r = run("evaluate", "--weights", str(tmp / "m.pt"), "--data", str(arc), env_extra=home)
+    r = here(capsys, "evaluate", "--weights", str(tmp / "m.pt"), "--data", str(arc))
     assert r.returncode == 0 and "with flip TTA" in r.stdout and "gated" not in r.stdout, r.stderr
-    r = run("evaluate", "--weights", str(tmp / "m.pt"), "--data", str(arc), "--tta-gate", "0.5")
+    r = here(capsys, "evaluate", "--weights", str(tmp / "m.pt"), "--data", str(arc), "--tta-gate",
+             "0.5")
     assert_one_line_error(r, "m.pt", "a TTA gate needs the safetensors weights")
 
 
-def test_predict_any_image_and_unreadable_image(trained, tmp_path):
+def test_predict_any_image_and_unreadable_image(trained, tmp_path, capsys):
     tmp, _, _ = trained
     big = tmp_path / "photo.jpg"
     Image.fromarray(np.full((300, 200, 3), 90, np.uint8)).save(big)
     gray = tmp_path / "gray.png"
     Image.new("L", (32, 32), 3).save(gray)
-    r = run("predict", "--weights", str(tmp / "run"), str(big), str(gray), "--json")
+    r = here(capsys, "predict", "--weights", str(tmp / "run"), str(big), str(gray), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert [o["file"] for o in out] == [str(big), str(gray)]
     probs = [t["probability"] for t in out[0]["top"]]
     assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
-    r = run("predict", "--weights", str(tmp / "run"), str(gray), "--top", "10", "--json")
+    r = here(capsys, "predict", "--weights", str(tmp / "run"), str(gray), "--top", "10", "--json")
     assert abs(sum(t["probability"] for t in json.loads(r.stdout)["top"]) - 1) < 1e-4
     with open(big, "rb") as f:  # - : one image on standard input, as a pipe gives it
         r = run("predict", "--weights", str(tmp / "run"), "-", str(gray), "--json", stdin=f)
     assert r.returncode == 0, r.stderr
     assert [o["file"] for o in json.loads(r.stdout)] == ["-", str(gray)]
     assert json.loads(r.stdout)[0]["top"] == out[0]["top"]
-    r = run("predict", "--weights", str(tmp / "run"), "-", "-")
+    r = here(capsys, "predict", "--weights", str(tmp / "run"), "-", "-")
     assert_one_line_error(r, "standard input", "twice")
     # a folder: its image files at any depth, sorted; other files passed over
     (tmp_path / "album" / "b").mkdir(parents=True)
@@ -256,19 +273,19 @@ def test_predict_any_image_and_unreadable_image(trained, tmp_path):
     shutil.copy(big, tmp_path / "album" / "a.jpg")
     (tmp_path / "album" / "notes.txt").write_text("not an image")
     (tmp_path / "album" / "scan.pdf").write_text("PIL writes PDFs but cannot read them")
-    r = run("predict", "--weights", str(tmp / "run"), str(tmp_path / "album"), str(gray),
+    r = here(capsys, "predict", "--weights", str(tmp / "run"), str(tmp_path / "album"), str(gray),
             "--json")
     assert r.returncode == 0, r.stderr
     assert [o["file"] for o in json.loads(r.stdout)] == [
         str(tmp_path / "album" / "a.jpg"), str(tmp_path / "album" / "b" / "z.PNG"), str(gray)]
     (tmp_path / "empty").mkdir()
-    r = run("predict", "--weights", str(tmp / "run"), str(tmp_path / "empty"))
+    r = here(capsys, "predict", "--weights", str(tmp / "run"), str(tmp_path / "empty"))
     assert_one_line_error(r, "empty", "no image files")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    r = run("predict", "--weights", str(tmp / "run"), str(broken))
+    r = here(capsys, "predict", "--weights", str(tmp / "run"), str(broken))
     assert_one_line_error(r, "broken.png", "not a readable image")
-    r = run("predict", "--weights", str(tmp / "run"), str(tmp_path / "absent.png"))
+    r = here(capsys, "predict", "--weights", str(tmp / "run"), str(tmp_path / "absent.png"))
     assert_one_line_error(r, "absent.png")
 
 

@@ -71,7 +71,7 @@ def test_served_answers_equal_the_classifier_alone_and_under_concurrent_load(ser
         np.testing.assert_allclose([a["probabilities"][c] for c in clf.classes], p, atol=2e-3)
     status, health = request(server, "GET", "/health")
     assert status == 200 and health["model"] == "paper-cnn" and health["tta"] == "flip"
-    assert health["requests"] == 13 and 1 <= health["batches"] <= 13
+    assert health["requests"] == health["images"] == 13 and 1 <= health["batches"] <= 13
 
 
 def test_batcher_runs_every_waiting_image_in_one_batch(clf):
@@ -81,7 +81,7 @@ def test_batcher_runs_every_waiting_image_in_one_batch(clf):
     batcher.start()
     got = np.stack([f.result(timeout=60) for f in futures])
     batcher.stop()
-    assert (batcher.requests, batcher.batches) == (6, 2)  # 4 waiting, then the other 2
+    assert (batcher.images, batcher.batches) == (6, 2)  # 4 waiting, then the other 2
     np.testing.assert_allclose(got, clf.predict(x), atol=2e-3)
 
 
@@ -95,10 +95,10 @@ def test_batcher_waits_only_while_another_request_is_arriving(clf):
         second = batcher.submit(x[1])
     first.result(timeout=60)
     second.result(timeout=60)
-    assert (batcher.requests, batcher.batches) == (2, 1)
+    assert (batcher.images, batcher.batches) == (2, 1)
     # nothing else arriving: a lone request runs at once, not after the 60 s wait
     batcher.submit(x[2]).result(timeout=20)
-    assert (batcher.requests, batcher.batches) == (3, 2)
+    assert (batcher.images, batcher.batches) == (3, 2)
     batcher.stop()
 
 
@@ -150,6 +150,8 @@ def test_a_form_upload_answers_each_file_in_order_and_top_is_per_request(server,
         assert [t["class"] for t in a["top"]] == [clf.classes[int(np.argmax(p))]]
     status, r = request(server, "POST", "/predict?top=5", files[0])  # the server's is 2
     assert status == 200 and len(r["top"]) == 5 and "predictions" not in r
+    status, health = request(server, "GET", "/health")
+    assert (health["requests"], health["images"]) == (2, 4)
 
 
 def test_bad_forms_and_queries_get_a_400_that_says_what_to_send(server):
@@ -166,6 +168,7 @@ def test_bad_forms_and_queries_get_a_400_that_says_what_to_send(server):
         assert status == 400 and words in r["error"] and hint in r["error"], r
     for query, words in [("top=0", "?top=0: give a whole number from 1 to 10"),
                          ("top=11", "from 1 to 10"), ("top=x", "?top=x"),
+                         ("top=%C2%B2", "?top=\u00b2"),  # a superscript 2: a digit, not a number
                          ("tpo=3", "unknown query parameter 'tpo'")]:
         status, r = request(server, "POST", f"/predict?{query}", png)
         assert status == 400 and words in r["error"], r

@@ -311,7 +311,7 @@ def read_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     Decoding a photo and shrinking it to 32x32 costs ~8x the classifying (paper-cnn), and
     PIL lets go of the GIL while it does both, so the files are read on a thread per core:
     1.8x faster on 2 cores for a folder of 2,000 640x480 JPEGs. The first bad file in
-    order is the one reported, as one by one, and the files after it are not read.
+    order is the one reported, as one by one, and reading stops there.
     """
 
     def one(p: str | os.PathLike) -> np.ndarray:

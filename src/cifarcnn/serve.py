@@ -7,7 +7,8 @@
                     `curl -F file=@photo.jpg` and browsers' forms send) ->
                     {"predictions": [{"file", "top", "probabilities"}, ...]}
                     in the form's order; `?top=K` overrides the server's --top
-    GET  /health    the model, its weights, TTA, precision and request/batch counts
+    GET  /health    the model, its weights, TTA, precision, and the requests answered,
+                    images classified and batches run so far
     GET  /          a page to classify images from a browser (through /predict)
 
 Requests are handled on threads, but the model runs on one worker that takes
@@ -153,7 +154,7 @@ def query_top(query: str, default: int, classes: int) -> int:
     if "top" not in params:
         return default
     value = params["top"][-1]
-    if not value.isdigit() or not 1 <= int(value) <= classes:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= classes:
         raise BadRequest(f"?top={value}: give a whole number from 1 to {classes}")
     return int(value)
 
@@ -169,7 +170,7 @@ class Batcher:
         self.classifier = classifier
         self.max_batch = max_batch
         self.max_wait = max_wait
-        self.requests = 0
+        self.images = 0  # classified so far; a form's files count one each
         self.batches = 0
         self._arriving = 0  # requests being read or decoded: worth waiting for
         self._lock = threading.Lock()
@@ -237,7 +238,7 @@ class Batcher:
             for _, fut in batch:
                 fut.set_exception(e)
             return
-        self.requests += len(batch)
+        self.images += len(batch)
         self.batches += 1
         for (_, fut), p in zip(batch, probs, strict=True):
             fut.set_result(p)
@@ -261,6 +262,7 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
             "tta_gate": getattr(classifier, "tta_gate", None),
             "precision": getattr(classifier, "precision", None),
             "device": getattr(classifier, "device", "cpu")}
+    answered, lock = [0], threading.Lock()  # /predict requests answered with a 200
     page = PAGE.format(**{k: html.escape(str(v)) for k, v in (
         ("model", info["model"]), ("weights", Path(info["weights"]).name), ("tta", info["tta"]),
         ("classes", ", ".join(classes)))}, top=top)
@@ -288,7 +290,7 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
         def do_GET(self) -> None:  # the name http.server calls
             path = urlsplit(self.path).path
             if path == "/health":
-                self._reply(200, {**info, "requests": batcher.requests,
+                self._reply(200, {**info, "requests": answered[0], "images": batcher.images,
                                   "batches": batcher.batches})
             elif path == "/":
                 body = page.encode()
@@ -348,6 +350,8 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
             answers = [{"top": top_classes(p, classes, k),
                         "probabilities": {c: float(q) for c, q in zip(classes, p, strict=True)}}
                        for p in probs]
+            with lock:
+                answered[0] += 1
             if form:
                 self._reply(200, {"predictions": [{"file": name, **a} for (name, _), a
                                                   in zip(named, answers, strict=True)]})
