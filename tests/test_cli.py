@@ -340,3 +340,32 @@ def test_version_help_and_flag_errors_answer_without_importing_torch():
     assert out[-2:] == ["False", "cifarcnn.inference"]  # load() still there, on first use
     assert "invalid int value: 'x'" in r.stderr
 
+
+def test_cpu_inference_runs_in_small_batches_with_the_same_answers(tmp_path, monkeypatch):
+    from formats import make_split
+
+    import cifarcnn
+    from cifarcnn import inference
+
+    assert inference.eval_batch("cpu", 1000) == inference.CPU_EVAL_BATCH == 128
+    assert inference.eval_batch("cpu", 50) == 50 and inference.eval_batch("cuda", 1000) == 1000
+    clf = cifarcnn.load("paper-cnn")
+    x = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    capped = clf.predict(x)
+    monkeypatch.setattr(inference, "CPU_EVAL_BATCH", 1 << 20)  # one batch of 300, as before
+    np.testing.assert_allclose(clf.predict(x), capped, atol=1e-5)
+    monkeypatch.undo()
+    arc = python_archive(tmp_path / "cifar-10-python.tar.gz", *make_split(300))
+    bench = ROOT / "benchmarks" / "eval_batch.py"
+    r = subprocess.run([sys.executable, str(bench), "--data", str(arc), "--weights", "paper-cnn",
+                        "--batches", "300", "7", "--images", "300", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines()
+            if line.startswith("| paper-cnn")]
+    assert [row[2].strip() for row in rows] == ["300", "7"]
+    assert rows[0][5] == rows[1][5] and all(float(row[4].replace(",", "")) > 0 for row in rows)
+    r = subprocess.run([sys.executable, str(bench), "--batches", "0"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "at least 1" in r.stderr and "Traceback" not in r.stderr
+
