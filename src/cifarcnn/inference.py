@@ -75,7 +75,7 @@ def check_gate(gate: float | None) -> float | None:
 
 # Inference batches on a CPU: a batch of 1,000 32x32 images holds 100-200 MB of activations,
 # far past the caches, while one of 128 keeps each layer's output near them. On the AVX2
-# EPYC of README "A third CPU" (fp32) evaluate ran paper-cnn 1.8x and fast 1.4x faster at
+# EPYC of README "A third CPU" (fp32) evaluate ran paper-cnn 1.5-1.8x and fast 1.5x faster at
 # 128 than at 1,000, with the same answers (benchmarks/eval_batch.py; README, "Speed").
 CPU_EVAL_BATCH = 128
 
