@@ -64,7 +64,7 @@ def test_bad_resizing_flags(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     # the paper's nets end in fully connected layers sized for 32x32 inputs
     r = here(capsys, "train", "--model", "paper-cnn", "--low-res", "24", "--low-res-epochs", "1",
-            "--out", str(tmp_path / "r"))
+             "--out", str(tmp_path / "r"))
     assert_one_line_error(r, "paper-cnn takes 32x32 images only", "--model fast")
     assert not (tmp_path / "r").exists()
 
@@ -203,7 +203,7 @@ def test_bad_model_argument_values_stop_before_the_run_starts(trained, tmp_path,
     for arg, needle in (("extra_convs=[0,-1,0]", "three counts >= 0"),
                         ("whiten_dims=13", "whiten_dims=13"), ("depth=3", "bad model arguments")):
         r = here(capsys, "train", "--model", "fast", "--model-arg", arg, "--data", str(arc),
-                "--out", str(tmp_path / "r"))
+                 "--out", str(tmp_path / "r"))
         assert_one_line_error(r, "model fast", needle)
         assert not (tmp_path / "r").exists()
 
@@ -274,7 +274,7 @@ def test_predict_any_image_and_unreadable_image(trained, tmp_path, capsys):
     (tmp_path / "album" / "notes.txt").write_text("not an image")
     (tmp_path / "album" / "scan.pdf").write_text("PIL writes PDFs but cannot read them")
     r = here(capsys, "predict", "--weights", str(tmp / "run"), str(tmp_path / "album"), str(gray),
-            "--json")
+             "--json")
     assert r.returncode == 0, r.stderr
     assert [o["file"] for o in json.loads(r.stdout)] == [
         str(tmp_path / "album" / "a.jpg"), str(tmp_path / "album" / "b" / "z.PNG"), str(gray)]
