@@ -368,4 +368,3 @@ def test_cpu_inference_runs_in_small_batches_with_the_same_answers(tmp_path, mon
     r = subprocess.run([sys.executable, str(bench), "--batches", "0"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "at least 1" in r.stderr and "Traceback" not in r.stderr
-
