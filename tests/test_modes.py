@@ -157,6 +157,16 @@ def test_predict_and_evaluate_accept_an_export(trained_run, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", "--weights", str(trained_run), "--format", "onnx", "--out",
                  str(out), "--no-check"]) == 0
+    # 300 images in batches (TorchScript's of 128, a CPU's inference batch): in order, all
+    from cifarcnn.export import load_exported
+
+    ts = tmp_path / "m.pt"
+    assert main(["export", "--weights", str(trained_run), "--format", "torchscript", "--out",
+                 str(ts), "--no-check"]) == 0
+    x = fake_images(300)[0]
+    for exported in (load_exported(out), load_exported(ts)):
+        np.testing.assert_allclose(exported.predict(x), np.concatenate(
+            [exported.predict(x[i:i + 7]) for i in range(0, 300, 7)]), atol=1e-6)
     img = tmp_path / "x.png"
     img.write_bytes(png_bytes(fake_images(1)[0][0]))
     capsys.readouterr()

@@ -25,7 +25,7 @@ from torch import nn
 
 from .datasets import MEAN, STD
 from .errors import CifarError
-from .inference import TTA_VIEWS, Classifier, as_batch, per_class_accuracy, read_images
+from .inference import TTA_VIEWS, Classifier, as_batch, eval_batch, per_class_accuracy, read_images
 from .weights import check_meta
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -148,20 +148,25 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, path: Path, meta: dict) 
 class Exported:
     """A TorchScript or ONNX export, used like a Classifier for predict and evaluate."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], run) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], run, cpu_batches: bool) -> None:
+        """`cpu_batches`: run in a CPU's inference batches (TorchScript: 1.9x faster at 128
+        than at 1,000, benchmarks/eval_batch.py), else in batches of 1,000 (ONNX Runtime,
+        which plans its own memory, ran 128 no faster)."""
         self.path = path
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
         self.tta: str = meta.get("tta", "none")
         self.tta_gate: float | None = None  # the graph runs every view on every image
         self._run = run
+        self.cpu_batches = cpu_batches
 
     def predict(self, images: np.ndarray, tta: str | bool | None = None) -> np.ndarray:
         if tta not in (None, True, self.tta):
             raise CifarError(f"{self.path}: an exported file has its TTA ({self.tta}) built "
                              "in; export again with the TTA you want")
         x = as_batch(images).numpy()
-        return np.concatenate([self._run(x[i:i + 1000]) for i in range(0, len(x), 1000)]
+        step = eval_batch("cpu", 1000) if self.cpu_batches else 1000
+        return np.concatenate([self._run(x[i:i + step]) for i in range(0, len(x), step)]
                               or [np.zeros((0, len(self.classes)), np.float32)])
 
     def predict_files(self, paths) -> np.ndarray:
@@ -209,7 +214,7 @@ def load_exported(path: Path) -> Exported:
             raise CifarError(f"{path}: ONNX file without cifarcnn metadata; export it with "
                              "`cifarcnn export`")
         return Exported(path, _meta(path, props[META_KEY]),
-                        lambda x: session.run(None, {"images": x})[0])
+                        lambda x: session.run(None, {"images": x})[0], cpu_batches=False)
     files = {META_KEY: ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
@@ -224,7 +229,7 @@ def load_exported(path: Path) -> Exported:
         with torch.no_grad():
             return module(torch.from_numpy(x)).numpy()
 
-    return Exported(path, _meta(path, files[META_KEY]), run)
+    return Exported(path, _meta(path, files[META_KEY]), run, cpu_batches=True)
 
 
 def _meta(path: Path, text: str) -> dict[str, Any]:
