@@ -174,6 +174,15 @@ def test_evaluate_counts_each_class_and_each_confusion():
     mistakes = text.splitlines()[-1].removeprefix("most confused: ").split(", ")
     assert [float(x.split()[-1].rstrip("%")) for x in mistakes] == [
         round(100 * f, 1) for f in rates[:3]]
+    # calibration: the gap between confidence and accuracy, bin by bin, as a numpy reference
+    probs = clf.predict(images)
+    conf, right = probs.max(1), probs.argmax(1) == labels
+    bins = np.minimum((conf * 15).astype(int), 14)
+    ece = sum(abs(conf[bins == b].sum() - right[bins == b].sum()) for b in range(15)) / 300
+    c = r["calibration"]
+    assert c["ece"] == pytest.approx(ece, abs=1e-5) and c["confidence"] == pytest.approx(
+        conf.mean(), abs=1e-5)
+    assert [b["images"] for b in c["bins"]] == np.bincount(bins, minlength=15).tolist()
 
 
 def test_missing_weights(tmp_path, capsys):
@@ -196,6 +205,33 @@ def trained(tmp_path_factory):
             "--out", str(tmp / "run"), env_extra={"CIFARCNN_HOME": str(tmp / "home")})
     assert r.returncode == 0, r.stderr
     return tmp, arc, r
+
+
+def test_info_describes_weights_without_running_them(trained, tmp_path, capsys):
+    import hashlib
+
+    tmp, _, _ = trained
+    r = here(capsys, "info", tmp / "run", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    weights = tmp / "run" / "weights.safetensors"
+    assert d["format"] == "safetensors" and d["model"] == "paper-cnn"
+    assert d["parameters"] == summary["parameters"] == 320170
+    assert d["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert d["bytes"] == weights.stat().st_size
+    assert d["val_accuracy"] == summary["val_accuracy"] and d["epochs"] == 1
+    assert d["training"]["train_seconds"] == summary["train_seconds"]
+    text = here(capsys, "info", tmp / "run").stdout
+    assert f"{summary['val_accuracy']:.2%} with its TTA" in text and "320,170 parameters" in text
+    # a shipped model's record sits beside it as <name>.json, with the command that made it
+    shipped = json.loads((ROOT / "weights" / "fast.json").read_text())
+    text = here(capsys, "info", "fast").stdout
+    assert shipped["command"] in text and f"{shipped['val_accuracy']:.2%}" in text
+    # bad files: one line each
+    assert_one_line_error(here(capsys, "info", tmp_path / "no.safetensors"), "no such file")
+    (tmp_path / "x.pt").write_text("not a zip")
+    assert_one_line_error(here(capsys, "info", tmp_path / "x.pt"), "not a TorchScript export")
 
 
 def test_bad_model_argument_values_stop_before_the_run_starts(trained, tmp_path, capsys):

@@ -122,6 +122,9 @@ def test_evaluation_under_ddp_equals_single_process(archive, tmp_path):
         assert r["correct"] == single["correct"] and r["n"] == 2300
         assert r["accuracy_no_tta"] == single["accuracy_no_tta"]
         assert r["confusion"] == single["confusion"]
+        assert [b["images"] for b in r["calibration"]["bins"]] == [
+            b["images"] for b in single["calibration"]["bins"]]
+        assert abs(r["calibration"]["ece"] - single["calibration"]["ece"]) < 1e-6
         assert abs(r["loss"] - single["loss"]) < 1e-6
 
 

@@ -322,8 +322,11 @@ def test_export_with_bad_metadata_is_refused(tmp_path, text):
     import torch
 
     from cifarcnn.export import META_KEY, load_exported
+    from cifarcnn.info import describe
 
     path = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path), _extra_files={META_KEY: text})
     with pytest.raises(CifarError, match=r"m\.pt: (damaged|metadata)"):
         load_exported(path)
+    with pytest.raises(CifarError, match=r"m\.pt: (damaged|metadata)"):
+        describe(str(path))  # `cifarcnn info`, which reads the metadata without loading

@@ -163,6 +163,13 @@ def test_predict_and_evaluate_accept_an_export(trained_run, tmp_path, capsys):
     ts = tmp_path / "m.pt"
     assert main(["export", "--weights", str(trained_run), "--format", "torchscript", "--out",
                  str(ts), "--no-check"]) == 0
+    from cifarcnn.info import describe
+
+    for path, fmt in ((out, "onnx"), (ts, "torchscript")):  # read without running the program
+        d = describe(str(path))
+        assert (d["format"], d["model"], d["tta"]) == (fmt, "paper-cnn", "flip")
+        assert d["val_accuracy"] == json.loads((trained_run / "summary.json").read_text()
+                                               )["val_accuracy"]
     x = fake_images(300)[0]
     for exported in (load_exported(out), load_exported(ts)):
         np.testing.assert_allclose(exported.predict(x), np.concatenate(
@@ -183,6 +190,8 @@ def test_predict_and_evaluate_accept_an_export(trained_run, tmp_path, capsys):
     m = np.array(r["confusion"])
     assert m.shape == (10, 10) and m.sum(1).tolist() == [2] * 10 and np.trace(m) == r["correct"]
     assert list(r["per_class_accuracy"].values()) == (np.diag(m) / 2).tolist()
+    assert sum(b["images"] for b in r["calibration"]["bins"]) == 20 and 0 <= r["calibration"][
+        "ece"] <= 1
 
 
 def test_bench_modes_quick_look(tmp_path, capsys):

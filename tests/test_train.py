@@ -273,3 +273,56 @@ def test_cpu_name_reads_the_model_and_its_bf16_hardware(tmp_path):
     info.write_text("model name\t: Old\nflags\t\t: avx2\n")
     assert perf.cpu_name(info) == "Old"
     assert perf.cpu_name(tmp_path / "missing")  # elsewhere: what platform knows
+
+
+def test_fine_tuning_starts_from_the_weights_with_a_new_head_for_other_classes(tmp_path):
+    from cifarcnn.models import build_model
+    from cifarcnn.weights import init_from_weights
+
+    src = tmp_path / "src"
+    train(TrainConfig(model="fast", model_kwargs={"widths": [16, 32, 32]}, epochs=1,
+                      batch_size=50, out=str(src)), data=tiny_data(), quiet=True)
+    saved = cifarcnn.load(src, device="cpu").model.state_dict()
+    # the same classes: every tensor is copied
+    fresh = build_model("fast", widths=[16, 32, 32], num_classes=10)
+    assert init_from_weights(fresh, src, list(CLASSES)) == (len(saved), 0)
+    assert all(torch.equal(v, saved[k]) for k, v in fresh.state_dict().items())
+    # other classes, or the same ones in another order: the head alone starts afresh
+    for classes, n in ((["a", "b", "c"], 3), (list(reversed(CLASSES)), 10)):
+        net = build_model("fast", widths=[16, 32, 32], num_classes=n)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        copied, new = init_from_weights(net, src, classes)
+        after = net.state_dict()
+        head = [k for k in after if k.startswith("head.")]
+        assert new == len(head) >= 1 and copied == len(after) - new
+        assert all(torch.equal(after[k], before[k]) for k in head)
+        assert all(torch.equal(after[k], saved[k]) for k in after if k not in head)
+    # end to end on a 3-class dataset: the model and its widths come from the weights, and
+    # the whitening filters (fixed, set from data in a fresh run) stay the source's
+    xtr, ytr = fake_images(90, seed=3)
+    xte, yte = fake_images(30, seed=4)
+    three = CifarData(xtr, ytr % 3, xte, yte % 3, ["a", "b", "c"], "fake")
+    s = train(TrainConfig(model=None, init_from=str(src), epochs=1, batch_size=30,
+                          out=str(tmp_path / "ft")), data=three, quiet=True)
+    assert s["init_from"] == str((src / "weights.safetensors").resolve())
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["model"] == "fast" and cfg["model_kwargs"]["widths"] == [16, 32, 32]
+    tuned = cifarcnn.load(tmp_path / "ft", device="cpu")
+    assert tuned.classes == ["a", "b", "c"] and tuned.meta["init_from"] == s["init_from"]
+    assert torch.equal(tuned.model.state_dict()["whiten.weight"], saved["whiten.weight"])
+    # a paper-cnn (no BatchNorm) fine-tuned at a rate of ~0 ends where it began
+    paper = tmp_path / "paper"
+    a = train(TrainConfig(epochs=1, batch_size=64, out=str(paper)), data=tiny_data(), quiet=True)
+    b = train(TrainConfig(init_from=str(paper), epochs=1, batch_size=64, lr=1e-12,
+                          weight_decay=0.0, out=str(tmp_path / "same")), data=tiny_data(),
+              quiet=True)
+    assert b["val_correct"] == a["val_correct"] and b["val_accuracy"] == a["val_accuracy"]
+    # mismatches stop before any run is written
+    for cfg, needle in ((TrainConfig(model="paper-cnn", init_from=str(src)), "holds a fast"),
+                        (TrainConfig(init_from=str(tmp_path / "none")), "no such file"),
+                        (TrainConfig(init_from=str(src), model_kwargs={"widths": [8, 8, 8]}),
+                         "do not fit")):
+        cfg.out = str(tmp_path / "never")
+        with pytest.raises(CifarError, match=needle):
+            train(cfg, data=three, quiet=True)
+        assert not (tmp_path / "never").exists()

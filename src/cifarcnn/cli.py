@@ -52,7 +52,12 @@ def _add_experiment_and_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="paper-cnn", help="model name (default: paper-cnn)")
+    p.add_argument("--model", help="model name (default: paper-cnn, or with --init-from the "
+                   "model those weights hold)")
+    p.add_argument("--init-from", metavar="WEIGHTS",
+                   help="fine-tune: start from these weights (.safetensors, run directory or "
+                   "shipped name) with a fresh optimizer and schedule; for other classes the "
+                   "head starts afresh")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="model constructor argument, VALUE in JSON (e.g. channels=[32,64,128])")
     p.add_argument("--epochs", type=int, help="epochs (paper-cnn: 25, as the paper)")
@@ -192,7 +197,8 @@ def _config_from_flags(a: argparse.Namespace):
     from .config import TrainConfig
 
     return TrainConfig(
-        model=a.model, model_kwargs=parse_model_args(a.model_arg), epochs=a.epochs,
+        model=a.model, init_from=a.init_from,
+        model_kwargs=parse_model_args(a.model_arg), epochs=a.epochs,
         batch_size=a.batch_size, optimizer=a.optimizer,
         lr=a.lr, momentum=a.momentum, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
         weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, tta=a.tta,
@@ -308,6 +314,12 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
             every = ", every view of every image" if clf.tta_gate and clf.tta != "none" else ""
             print(f"(recorded at training time{every}: {recorded[clf.tta]:.2%})")
         print(per_class_lines(r, clf.classes))
+        c = r["calibration"]
+        if r["n"]:
+            side = "over" if c["confidence"] > r["accuracy"] else "under"
+            print(f"calibration: mean confidence {c['confidence']:.1%} against accuracy "
+                  f"{r['accuracy']:.1%} ({side}-confident), expected calibration error "
+                  f"{c['ece']:.1%}")
     return 0
 
 
@@ -385,6 +397,14 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         print("stopped", file=sys.stderr)
     finally:
         server.server_close()
+    return 0
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    from .info import describe, format_info
+
+    d = describe(a.weights)
+    print(json.dumps(d) if a.json else format_info(d))
     return 0
 
 
@@ -510,6 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"])
     tb.add_argument("--keep", metavar="DIR", help="keep the run folders here")
     sub.add_parser("models", help="list the models")
+    info = sub.add_parser("info", help="what a weights file or export holds: model, classes, "
+                          "TTA, recorded accuracy, how it was trained, checksum")
+    info.add_argument("weights", help="weights .safetensors, run directory, shipped model name, "
+                      "or a .onnx / .pt export")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -537,7 +562,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
             "serve": _cmd_serve, "export": _cmd_export, "bench": _cmd_bench,
             "experiment": _cmd_experiment, "results": _cmd_results, "report": _cmd_report,
-            "models": _cmd_models}
+            "models": _cmd_models, "info": _cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

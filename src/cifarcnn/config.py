@@ -55,8 +55,12 @@ EXEC_MODES = ("eager", "compile", "trace", "script")  # see modes.py
 
 @dataclass
 class TrainConfig:
-    model: str = "paper-cnn"
+    model: str | None = None  # None: paper-cnn, or with init_from the model those weights hold
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # fine-tuning: start from these weights (a .safetensors file, run directory or shipped
+    # name) instead of a fresh initialisation; their model and arguments are the run's, and
+    # a head for other classes starts afresh (weights.init_from_weights)
+    init_from: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
     optimizer: str | None = None
@@ -106,10 +110,36 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """A copy with every None filled in and every choice checked."""
-        spec = get_spec(self.model)
-        # the model's own checks of its arguments, before any data is read or run written
-        build_model(self.model, **self.model_kwargs)
         c = dataclasses.replace(self, model_kwargs=dict(self.model_kwargs))
+        if c.init_from is not None:
+            from .weights import read_meta, resolve_weights_path
+
+            path = resolve_weights_path(c.init_from)
+            meta = read_meta(path)
+            if c.model is not None and c.model != meta["model"]:
+                raise CifarError(f"--init-from {c.init_from}: holds a {meta['model']} model, "
+                                 f"not {c.model}; leave --model out, or give --model "
+                                 f"{meta['model']}")
+            # an absolute path: a resumed run finds it from any folder
+            c.init_from, c.model = str(path.resolve()), meta["model"]
+            # the weights' own arguments (widths...), but their class count is the data's
+            c.model_kwargs = {**{k: v for k, v in meta.get("model_kwargs", {}).items()
+                                 if k != "num_classes"}, **c.model_kwargs}
+            if c.model_kwargs != {k: v for k, v in meta.get("model_kwargs", {}).items()
+                                  if k != "num_classes"}:
+                from .weights import shape_mismatches
+
+                diff = shape_mismatches(path, meta, c.model_kwargs)
+                if diff:
+                    raise CifarError(f"--init-from {self.init_from}: its tensors do not fit "
+                                     f"{c.model} with arguments {c.model_kwargs} (first "
+                                     f"differences, name and shape: {diff}); leave out the "
+                                     "--model-arg that changes them")
+        elif c.model is None:
+            c.model = "paper-cnn"
+        spec = get_spec(c.model)
+        # the model's own checks of its arguments, before any data is read or run written
+        build_model(c.model, **c.model_kwargs)
         for k, v in DEFAULTS.items():
             if getattr(c, k) is None:
                 setattr(c, k, spec.recipe.get(k, v))

@@ -46,12 +46,12 @@ def run_experiment(cfg: TrainConfig, runs: int, out: Path, data: CifarData | Non
 
     if runs < 1:
         raise CifarError(f"--runs {runs}: must be at least 1")
-    cfg.resolved()  # bad settings stop here, before the folder is written
+    model = cfg.resolved().model  # bad settings stop here, before the folder is written
     seeds = range(cfg.seed, cfg.seed + runs)
     asked = set(seeds)  # with the seeds asked for before: the table counts them all
-    spec: dict[str, Any] = {"model": cfg.model, "runs": runs,
-                            "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                       if k not in ("seed", "out", "data")}}
+    spec: dict[str, Any] = {"model": model, "runs": runs,
+                            "config": {**{k: v for k, v in dataclasses.asdict(cfg).items()
+                                          if k not in ("seed", "out", "data")}, "model": model}}
     if (out / META).is_file():
         old = read_json(out / META, required=("config",))
         if not isinstance(old["config"], dict):

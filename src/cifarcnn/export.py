@@ -25,7 +25,16 @@ from torch import nn
 
 from .datasets import MEAN, STD
 from .errors import CifarError
-from .inference import TTA_VIEWS, Classifier, as_batch, eval_batch, per_class_accuracy, read_images
+from .inference import (
+    TTA_VIEWS,
+    Classifier,
+    as_batch,
+    calibration,
+    calibration_sums,
+    eval_batch,
+    per_class_accuracy,
+    read_images,
+)
 from .weights import check_meta
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -182,7 +191,11 @@ class Exported:
         k = len(self.classes)
         confusion = np.bincount(labels * k + probs.argmax(1), minlength=k * k).reshape(k, k)
         return {"loss": float(nll.mean()) if n else float("nan"), "accuracy": correct / max(1, n),
-                "correct": correct, "n": n, "tta": self.tta, "confusion": confusion.tolist(),
+                "correct": correct, "n": n, "tta": self.tta,
+                "calibration": calibration(calibration_sums(  # log: softmax gives probs back
+                    torch.from_numpy(probs).clamp_min(1e-30).log(),
+                    torch.from_numpy(labels.astype(np.int64))).tolist()),
+                "confusion": confusion.tolist(),
                 "per_class_accuracy": per_class_accuracy(confusion.tolist(), self.classes)}
 
 

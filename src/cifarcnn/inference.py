@@ -176,7 +176,8 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
     `accuracy`/`loss` use the TTA logits; `accuracy_no_tta` is the single view;
     `views_per_image` is the forward passes run per image (the TTA's view
-    count, less with a `gate`); `confusion[t][p]` counts the images of class t
+    count, less with a `gate`); `calibration` compares confidence with accuracy
+    (`calibration`); `confusion[t][p]` counts the images of class t
     predicted as p. Under DDP (`world`) the ranks split the
     batches and sum their counts, so every rank reports what a single process
     reports for the same weights.
@@ -198,16 +199,48 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                         (plain.argmax(1) == mine).sum().double(),
                         torch.tensor(float(runs), dtype=torch.float64, device=logits.device)])
     confusion = torch.bincount(mine * classes + logits.argmax(1), minlength=classes ** 2)
-    totals = all_reduce_sum(torch.cat([sums, confusion.double()]), world).tolist()
+    calib = calibration_sums(logits, mine)
+    totals = all_reduce_sum(torch.cat([sums, calib, confusion.double()]), world).tolist()
     loss_sum, correct, correct_plain, runs_sum = totals[:4]
+    at = 4 + len(calib)
     n = len(labels)
     return {"loss": loss_sum / n if n else float("nan"), "accuracy": correct / max(1, n),
             "correct": int(correct), "n": n, "tta": tta,
             "accuracy_no_tta": correct_plain / max(1, n),
             "views_per_image": runs_sum / max(1, n),
+            "calibration": calibration(totals[4:at]),
             # rows: the true class, columns: the predicted one (with the TTA)
-            "confusion": [[int(v) for v in totals[4 + r * classes:4 + (r + 1) * classes]]
+            "confusion": [[int(v) for v in totals[at + r * classes:at + (r + 1) * classes]]
                           for r in range(classes)]}
+
+
+CALIBRATION_BINS = 15  # equal-width confidence bins, the usual choice for the ECE
+
+
+def calibration_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per confidence bin: images, summed top-class probability, correct top classes;
+    (3 * CALIBRATION_BINS,) float64, so ranks can sum them before `calibration`."""
+    conf, pred = torch.softmax(logits.float(), dim=1).max(1)
+    b = (conf * CALIBRATION_BINS).long().clamp(max=CALIBRATION_BINS - 1)
+    return torch.cat([torch.bincount(b, weights=w.double(), minlength=CALIBRATION_BINS)
+                      for w in (torch.ones_like(conf), conf, (pred == labels).double())])
+
+
+def calibration(sums: Sequence[float]) -> dict[str, Any]:
+    """How far a model's confidence is from its accuracy.
+
+    `ece` (expected calibration error) is the image-weighted mean gap between the
+    confidence of each bin and the accuracy in it; `confidence` above `accuracy`
+    means an over-confident model. Worth knowing before trusting probabilities,
+    e.g. for a TTA gate, which skips images by their confidence."""
+    k = CALIBRATION_BINS
+    counts, conf, correct = sums[:k], sums[k:2 * k], sums[2 * k:3 * k]
+    n = sum(counts)
+    bins = [{"from": i / k, "to": (i + 1) / k, "images": int(c),
+             "confidence": conf[i] / c if c else None, "accuracy": correct[i] / c if c else None}
+            for i, c in enumerate(counts)]
+    return {"ece": sum(abs(conf[i] - correct[i]) for i in range(k)) / n if n else float("nan"),
+            "confidence": sum(conf) / n if n else float("nan"), "bins": bins}
 
 
 class Classifier:

@@ -35,7 +35,7 @@ from .models import build_model, count_parameters
 from .models.fast import ConvGroup
 from .optim import Lookahead, MuonSGD
 from .runfiles import read_json, write_text_atomic
-from .weights import save_weights
+from .weights import init_from_weights, save_weights
 
 HOLDOUT_SEED = 1234  # fixed: the same --holdout N always holds out the same images
 
@@ -311,7 +311,13 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
 
     torch.manual_seed(cfg.seed)
     cfg.model_kwargs.setdefault("num_classes", len(data.classes))
-    model = build_model(cfg.model, **cfg.model_kwargs).to(device)
+    model = build_model(cfg.model, **cfg.model_kwargs)
+    if cfg.init_from and ckpt is None:
+        copied, fresh = init_from_weights(model, cfg.init_from, data.classes)
+        log(f"starting from {cfg.init_from}" + (
+            f" (a new head for {len(data.classes)} classes: {fresh} of its {copied + fresh} "
+            "tensors start afresh)" if fresh else ""))
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model  # what the step calls: the model, its mode wrapper, or DDP's
@@ -339,7 +345,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     x_val, y_val = (torch.from_numpy(a) for a in splits["val"])
     mean = torch.tensor(MEAN, device=device)
     std = torch.tensor(STD, device=device)
-    if hasattr(model, "init_from_data") and ckpt is None:
+    if hasattr(model, "init_from_data") and ckpt is None and not cfg.init_from:
         # data-dependent initialisation (fast's whitening layer): a fixed sample, every rank
         sample = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
             cfg.seed))[:5000].to(device)]
@@ -598,7 +604,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             "precision": precision, "channels_last": cfg.channels_last,
             "eval_batch_size": cfg.eval_batch_size, "epochs": cfg.epochs, "seed": cfg.seed,
             "tta": cfg.tta, "val_accuracy": last["val_accuracy"],
-            "val_accuracy_no_tta": last["val_accuracy_no_tta"], "mean": MEAN, "std": STD}
+            "val_accuracy_no_tta": last["val_accuracy_no_tta"], "mean": MEAN, "std": STD,
+            **({"init_from": cfg.init_from} if cfg.init_from else {})}
     summary: dict[str, Any] = {
         "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
         "train_accuracy": last["train_accuracy"], "val_accuracy": last["val_accuracy"],
@@ -614,7 +621,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         "device_name": torch.cuda.get_device_name() if device == "cuda" else None,
         "channels_last": cfg.channels_last, "torch": torch.__version__,
         "cpu": perf.cpu_name(), "threads": torch.get_num_threads(),
-        "resumed": ckpt is not None,
+        "resumed": ckpt is not None, "init_from": cfg.init_from,
     }
     if "test" in splits:
         x_test, y_test = (torch.from_numpy(a) for a in splits["test"])

@@ -130,6 +130,25 @@ def check_meta(path: Path, meta: Any, required: tuple[str, ...] = ()) -> dict[st
     return meta
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in a weights file, read from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+
+
+def shape_mismatches(path: Path, meta: dict[str, Any], kwargs: dict[str, Any]) -> list[Any]:
+    """The first differences between the file's tensors and model meta["model"] built with
+    `kwargs` (and the file's class count), built on the meta device: no memory used."""
+    with torch.device("meta"):
+        skeleton = build_model(meta["model"], **{**kwargs, "num_classes": len(
+            meta.get("classes", [])) or kwargs.get("num_classes", 10)})
+    have = tensor_shapes(path)
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    return sorted(set(have.items()) ^ set(want.items()))[:3]
+
+
 def load_weights(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model named in the metadata and load its tensors.
 
@@ -137,7 +156,6 @@ def load_weights(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, 
     shapes compared with the file's, so arguments in the metadata can never make it
     allocate more than the file holds (a hand-edited width of a million would ask for
     terabytes)."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     meta = read_meta(path)
@@ -147,8 +165,7 @@ def load_weights(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, 
             skeleton = build_model(meta["model"], **kwargs)
     except CifarError as e:  # arguments out of range: say which file holds them
         raise CifarError(f"{path}: {e}") from None
-    with safe_open(str(path), "pt") as f:
-        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    have = tensor_shapes(path)
     want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if have != want:
         diff = sorted(set(have.items()) ^ set(want.items()))[:3]
@@ -162,3 +179,36 @@ def load_weights(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, 
         raise CifarError(f"{path}: tensors do not fit model {meta['model']} ({e})") from None
     return model.to(device).eval(), meta
 
+
+
+def init_from_weights(model: nn.Module, path: str | os.PathLike,
+                      classes: list[str]) -> tuple[int, int]:
+    """Fine-tuning's start: copy saved weights into a freshly built `model`.
+
+    With the weights' own classes, every tensor is copied. For other classes (another
+    dataset, or the same names in another order) the tensors whose shape depends on the
+    class count, the head, keep their fresh initialisation: they are found by building
+    the model for one more class on the meta device and seeing which shapes change, so
+    this needs no knowledge of any model's layer names. Returns (tensors copied, left new).
+    """
+    p = resolve_weights_path(path)
+    saved, meta = load_weights(p)
+    mine = model.state_dict()
+    same_classes = list(meta.get("classes", [])) == list(classes)
+    head: set[str] = set()
+    if not same_classes:
+        kwargs = {**meta.get("model_kwargs", {}), "num_classes": len(classes) + 1}
+        with torch.device("meta"):
+            wider = build_model(meta["model"], **kwargs).state_dict()
+        head = {k for k, v in mine.items() if tuple(wider[k].shape) != tuple(v.shape)}
+    theirs = saved.state_dict()
+    bad = sorted(k for k in mine if k not in head
+                 and (k not in theirs or theirs[k].shape != mine[k].shape))
+    if bad:
+        raise CifarError(f"--init-from {path}: its tensors do not fit this model (first: "
+                         f"{bad[0]}); fine-tune with the weights' own model arguments")
+    with torch.no_grad():
+        for k, v in mine.items():
+            if k not in head:
+                v.copy_(theirs[k])
+    return len(mine) - len(head), len(head)
