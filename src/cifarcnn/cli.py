@@ -408,6 +408,36 @@ def _cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    from .calibrate import calibrate, output_path, save_temperature
+    from .datasets import load_cifar10
+    from .inference import load
+
+    if a.images < 100:
+        raise CifarError(f"--images {a.images}: fit on at least 100 images (10,000 by default)")
+    clf = load(a.weights, device=a.device)
+    if not hasattr(clf, "model"):
+        raise CifarError(f"--weights {a.weights}: an export; calibrate the safetensors weights, "
+                         "then export them again")
+    out = output_path(clf.path, Path(a.out) if a.out else None)
+    data = load_cifar10(a.data, verbose=not a.json)
+    if data.classes != clf.classes:
+        raise CifarError(f"{a.data or 'data'}: classes {data.classes} differ from the "
+                         f"model's {clf.classes}")
+    fit = calibrate(clf, data, a.split, a.images)
+    save_temperature(clf.path, fit, out)
+    fit["weights"] = str(out)
+    if a.json:
+        print(json.dumps(fit))
+    else:
+        print(f"temperature {fit['temperature']:.4f}, fitted on {fit['images']:,} {fit['split']} "
+              f"images ({fit['tta']} TTA): their loss {fit['nll_before']:.4f} -> "
+              f"{fit['nll_after']:.4f}, calibration error {fit['ece_before']:.1%} -> "
+              f"{fit['ece_after']:.1%}\nwrote {out}; predict, serve, evaluate and export "
+              "apply it from now on")
+    return 0
+
+
 def _cmd_models(a: argparse.Namespace) -> int:
     from .models import MODELS, build_model, count_parameters
 
@@ -530,6 +560,21 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"])
     tb.add_argument("--keep", metavar="DIR", help="keep the run folders here")
     sub.add_parser("models", help="list the models")
+    cal = sub.add_parser("calibrate", help="fit a temperature that makes the probabilities "
+                         "match the accuracy (temperature scaling), stored in the weights")
+    cal.add_argument("--weights", required=True,
+                     help="weights .safetensors or run directory (changed in place unless "
+                     "--out), or a shipped model name (with --out)")
+    cal.add_argument("--data", help="CIFAR-10 archive or folder")
+    cal.add_argument("--split", choices=["val", "train", "test"], default="val",
+                     help="images to fit on (default val: those the run validated on, its "
+                     "--holdout images or else the test images; train: biased, the net has "
+                     "fitted them)")
+    cal.add_argument("--images", type=int, default=10_000, metavar="N",
+                     help="class-balanced images of the split to fit on (default 10,000)")
+    cal.add_argument("--out", help="write the calibrated weights here instead")
+    cal.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    cal.add_argument("--json", action="store_true", help="machine-readable output")
     info = sub.add_parser("info", help="what a weights file or export holds: model, classes, "
                           "TTA, recorded accuracy, how it was trained, checksum")
     info.add_argument("weights", help="weights .safetensors, run directory, shipped model name, "
@@ -562,7 +607,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
             "serve": _cmd_serve, "export": _cmd_export, "bench": _cmd_bench,
             "experiment": _cmd_experiment, "results": _cmd_results, "report": _cmd_report,
-            "models": _cmd_models, "info": _cmd_info}
+            "models": _cmd_models, "info": _cmd_info, "calibrate": _cmd_calibrate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,9 +45,11 @@ TOLERANCE = 1e-4  # max |p_export - p_eager| on probabilities, both fp32
 class Deployable(nn.Module):
     """uint8 NHWC images -> probabilities, with normalisation and TTA views inside."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: str) -> None:
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], tta: str,
+                 temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)  # a constant in the graph
         self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("scale", 1.0 / (torch.tensor(std).view(1, 3, 1, 1) * 255.0))
         self.views = TTA_VIEWS[tta]
@@ -71,7 +73,7 @@ class Deployable(nn.Module):
             if flip:
                 v = v.flip(3)
             total = total + weight * self.model(v)
-        return F.softmax(total, dim=1)
+        return F.softmax(total / self.temperature, dim=1)
 
 
 def export(clf: Classifier, fmt: str, out: Path | None = None,
@@ -85,9 +87,11 @@ def export(clf: Classifier, fmt: str, out: Path | None = None,
         raise CifarError(f"--out {out}: a {fmt} file must end in {' or '.join(allowed)} "
                          "(that is how predict and evaluate recognise it)")
     model = clf.model.float().to(memory_format=torch.contiguous_format).cpu().eval()
-    net = Deployable(model, clf.meta.get("mean", MEAN), clf.meta.get("std", STD), clf.tta).eval()
+    net = Deployable(model, clf.meta.get("mean", MEAN), clf.meta.get("std", STD), clf.tta,
+                     clf.temperature).eval()
     meta = {**{k: clf.meta[k] for k in ("model", "classes", "val_accuracy", "seed") if k in
-               clf.meta}, "tta": clf.tta, "input": "uint8 (N, 32, 32, 3) RGB",
+               clf.meta}, "tta": clf.tta, "temperature": clf.temperature,
+            "input": "uint8 (N, 32, 32, 3) RGB",
             "output": "probabilities (N, C)"}
     if not out.parent.is_dir():
         raise CifarError(f"--out {out}: cannot write (folder {out.parent} does not exist); "
@@ -166,6 +170,7 @@ class Exported:
         self.classes: list[str] = list(meta["classes"])
         self.tta: str = meta.get("tta", "none")
         self.tta_gate: float | None = None  # the graph runs every view on every image
+        self.temperature = float(meta.get("temperature", 1.0))  # inside the graph
         self._run = run
         self.cpu_batches = cpu_batches
 

@@ -171,13 +171,15 @@ def logits_of(model: nn.Module, images: torch.Tensor, *, device: str, precision:
 def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     device: str, precision: str, batch_size: int = 1000,
                     channels_last: bool = True, tta: str = "none",
-                    world: World | None = None, gate: float | None = None) -> dict[str, Any]:
+                    world: World | None = None, gate: float | None = None,
+                    temperature: float = 1.0) -> dict[str, Any]:
     """Loss and accuracy of `model` on a labelled split (model put in eval mode).
 
     `accuracy`/`loss` use the TTA logits; `accuracy_no_tta` is the single view;
     `views_per_image` is the forward passes run per image (the TTA's view
     count, less with a `gate`); `calibration` compares confidence with accuracy
-    (`calibration`); `confusion[t][p]` counts the images of class t
+    (`calibration`), at the weights' `temperature`; `confusion[t][p]` counts the images
+    of class t
     predicted as p. Under DDP (`world`) the ranks split the
     batches and sum their counts, so every rank reports what a single process
     reports for the same weights.
@@ -190,6 +192,7 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                                       batch_size=batch_size, channels_last=channels_last,
                                       tta=tta, shard=(world.rank, world.size), gate=gate)
     model.train(was_training)
+    logits = logits / temperature  # calibrated weights: the loss and calibration of their T
     mine = torch.cat([labels[i:i + batch_size] for i in range(
         world.rank * batch_size, len(labels), batch_size * world.size)] or [labels[:0]])
     mine = mine.to(logits.device)
@@ -265,6 +268,10 @@ class Classifier:
         self.tta: str = tta_mode(tta, default=tta_mode(meta.get("tta", "none")))
         # Off by default: the recorded accuracies are those of every view on every image.
         self.tta_gate: float | None = check_gate(tta_gate)
+        # `cifarcnn calibrate`'s fitted temperature: probabilities are softmax(logits / T).
+        # A TTA gate still compares the raw single-view probability, so a gate means the same
+        # before and after calibrating.
+        self.temperature: float = float(meta.get("temperature", 1.0))
 
     def logits(self, images: np.ndarray | torch.Tensor,
                tta: str | bool | None = None) -> torch.Tensor:
@@ -279,7 +286,7 @@ class Classifier:
 
         `tta`: None uses the classifier's setting, False a single view, or a mode name.
         """
-        return torch.softmax(self.logits(images, tta), dim=1).cpu().numpy()
+        return torch.softmax(self.logits(images, tta) / self.temperature, dim=1).cpu().numpy()
 
     def predict_files(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """Probabilities for image files of any size or mode (converted to 32x32 RGB)."""
@@ -298,7 +305,8 @@ class Classifier:
                             torch.from_numpy(labels.astype(np.int64)),
                             device=self.device, precision=self.precision,
                             batch_size=self.batch_size, channels_last=self.channels_last,
-                            tta=tta_mode(tta, self.tta), gate=self.tta_gate)
+                            tta=tta_mode(tta, self.tta), gate=self.tta_gate,
+                            temperature=self.temperature)
         r["per_class_accuracy"] = per_class_accuracy(r["confusion"], self.classes)
         return r
 

@@ -21,7 +21,7 @@ from .weights import resolve_weights_path
 
 # Fields of a run's summary worth showing beside the weights (the rest are in the file).
 SUMMARY_FIELDS = ("train_seconds", "device", "device_name", "cpu", "threads", "processes",
-                  "torch", "command")
+                  "torch", "command", "calibrate_command")
 
 
 def sha256(path: Path) -> str:
@@ -92,7 +92,8 @@ def describe(spec: str) -> dict[str, Any]:
     out["sha256"] = sha256(path)
     out.update({k: meta[k] for k in ("model", "model_kwargs", "classes", "tta", "precision",
                                      "epochs", "seed", "val_accuracy", "val_accuracy_no_tta",
-                                     "test_accuracy", "init_from", "input", "output")
+                                     "test_accuracy", "init_from", "temperature",
+                                     "temperature_fit", "input", "output")
                 if k in meta})
     summary = summary_beside(path) if out["format"] == "safetensors" else None
     if summary is not None:
@@ -126,6 +127,12 @@ def format_info(d: dict[str, Any]) -> str:
             s for s in (f"{d['epochs']} epochs" if "epochs" in d else "",
                         f"seed {d['seed']}" if "seed" in d else "",
                         f"in {d['precision']}" if "precision" in d else "") if s)))
+    if "temperature" in d:
+        fit = d.get("temperature_fit") or {}
+        how = (f" (fitted on {fit['images']:,} {fit['split']} images)"
+               if isinstance(fit, dict) and type(fit.get("images")) is int
+               and isinstance(fit.get("split"), str) else "")
+        rows.append(("calibrated", f"temperature {d['temperature']:.4f}{how}"))
     if d.get("init_from"):
         rows.append(("fine-tuned", f"from {d['init_from']}"))
     accuracy = f"{_percent(d.get('val_accuracy'))} with its TTA"
@@ -153,6 +160,8 @@ def format_info(d: dict[str, Any]) -> str:
         rows.append(("training", ", ".join(parts)))
         if t.get("command"):
             rows.append(("command", str(t["command"])))
+        if t.get("calibrate_command") and "temperature" in d:
+            rows.append(("then", str(t["calibrate_command"])))
     if "input" in d:
         rows.append(("input", f"{d['input']} -> {d.get('output', '')}"))
     width = max(len(k) for k, _ in rows)

@@ -605,7 +605,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             "eval_batch_size": cfg.eval_batch_size, "epochs": cfg.epochs, "seed": cfg.seed,
             "tta": cfg.tta, "val_accuracy": last["val_accuracy"],
             "val_accuracy_no_tta": last["val_accuracy_no_tta"], "mean": MEAN, "std": STD,
-            **({"init_from": cfg.init_from} if cfg.init_from else {})}
+            **({"init_from": cfg.init_from} if cfg.init_from else {}),
+            **({"holdout": cfg.holdout} if cfg.holdout else {})}  # calibrate's images
     summary: dict[str, Any] = {
         "model": cfg.model, "epochs": cfg.epochs, "seed": cfg.seed,
         "train_accuracy": last["train_accuracy"], "val_accuracy": last["val_accuracy"],

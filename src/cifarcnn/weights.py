@@ -26,9 +26,20 @@ REPO_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
 def save_weights(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Write atomically: a temporary file, fsync, then rename over `path`."""
+    save_state(path, {k: v.detach().to("cpu").contiguous()
+                      for k, v in model.state_dict().items()}, meta)
+
+
+def rewrite_meta(src: Path, dst: Path, meta: dict[str, Any]) -> None:
+    """`src`'s tensors, unchanged, written to `dst` (which may be `src`) with `meta`."""
+    from safetensors.torch import load_file
+
+    save_state(dst, load_file(str(src)), meta)
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     header = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -109,6 +120,8 @@ FIELDS: dict[str, tuple[Any, str]] = {
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
     "mean": (_numbers, "three numbers"),
     "std": (lambda v: _numbers(v, positive=True), "three positive numbers"),
+    "temperature": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and 1e-3 <= v <= 1e3, "a number from 0.001 to 1000"),
     **{k: (_accuracy, "an accuracy from 0 to 1")
        for k in ("val_accuracy", "val_accuracy_no_tta", "test_accuracy")},
 }
