@@ -71,6 +71,7 @@ def test_served_answers_equal_the_classifier_alone_and_under_concurrent_load(ser
         np.testing.assert_allclose([a["probabilities"][c] for c in clf.classes], p, atol=2e-3)
     status, health = request(server, "GET", "/health")
     assert status == 200 and health["model"] == "paper-cnn" and health["tta"] == "flip"
+    assert health["temperature"] == 1.0  # paper-cnn is not calibrated
     assert health["requests"] == health["images"] == 13 and 1 <= health["batches"] <= 13
 
 

@@ -274,6 +274,7 @@ def make_server(classifier: Any, host: str = "127.0.0.1", port: int = 8000, top:
     info = {"model": classifier.meta.get("model"), "weights": str(classifier.path),
             "classes": classes, "tta": classifier.tta,
             "tta_gate": getattr(classifier, "tta_gate", None),
+            "temperature": getattr(classifier, "temperature", 1.0),  # cifarcnn calibrate's
             "precision": getattr(classifier, "precision", None),
             "device": getattr(classifier, "device", "cpu")}
     answered, lock = [0], threading.Lock()  # /predict requests answered with a 200
