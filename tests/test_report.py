@@ -107,7 +107,8 @@ def test_report_has_every_chart_and_table(exp_and_run, data, tmp_path):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == sorted(["compare.png", "curves-exp-cnn.png", "curves-run-mlp.png",
                            "confusion-exp-cnn.png", "confusion-run-mlp.png",
-                           "mistakes-exp-cnn.png", "mistakes-run-mlp.png"])
+                           "mistakes-exp-cnn.png", "mistakes-run-mlp.png",
+                           "calibration-exp-cnn.png", "calibration-run-mlp.png"])
     for name in pngs:
         with Image.open(out / name) as im:
             im.verify()

@@ -4,8 +4,9 @@ Writes into OUT: one PNG per chart, `report.md` (linking them) and
 `report.html` (the same, with the PNGs embedded: one file to send around).
 Charts: accuracy and loss per epoch (one line per run, an experiment's mean
 with a min-max band), a comparison of all sources (the paper's MLP-vs-CNN
-figure), a confusion matrix with per-class accuracy, and a grid of the most
-confident mistakes; plus the `bench modes` table when its JSON is given.
+figure), a confusion matrix with per-class accuracy, a reliability diagram
+(confidence against accuracy), and a grid of the most confident mistakes;
+plus the `bench modes` table when its JSON is given.
 """
 
 from __future__ import annotations
@@ -181,6 +182,48 @@ def chart_confusion(src: Source, data: CifarData, probs: np.ndarray, out: Path) 
     return path
 
 
+def chart_calibration(src: Source, data: CifarData, probs: np.ndarray, out: Path) -> Path:
+    """A reliability diagram: accuracy against confidence, bin by bin, beside how many
+    images fall in each bin; bars under the diagonal are over-confident bins."""
+    import torch
+
+    from .inference import calibration, calibration_sums
+
+    plt = _plt()
+    c = calibration(calibration_sums(torch.from_numpy(probs).clamp_min(1e-30).log(),
+                                     torch.from_numpy(data.test_labels.astype(np.int64))
+                                     ).tolist())
+    bins = c["bins"]
+    width = bins[0]["to"] - bins[0]["from"]
+    mids = np.array([(b["from"] + b["to"]) / 2 for b in bins]) * 100
+    acc = np.array([b["accuracy"] if b["images"] else np.nan for b in bins]) * 100
+    conf = np.array([b["confidence"] if b["images"] else np.nan for b in bins]) * 100
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.5))
+    ax.bar(mids, acc, width=width * 100 * 0.9, color="C0", label="accuracy in the bin")
+    ax.plot(mids, conf, "o", color="C3", ms=4, label="mean confidence in the bin")
+    ax.plot([0, 100], [0, 100], "k--", lw=1, label="calibrated")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("confidence: the top class's probability (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"Reliability (expected calibration error {c['ece']:.1%})")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    bx.bar(mids, [b["images"] for b in bins], width=width * 100 * 0.9, color="C1")
+    bx.set_xlim(0, 100)
+    bx.set_xlabel("confidence: the top class's probability (%)")
+    bx.set_ylabel("test images")
+    bx.set_title(f"Confidence (mean {c['confidence']:.1%}, accuracy "
+                 f"{np.mean(probs.argmax(1) == data.test_labels):.1%})")
+    bx.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{src.label}: do its probabilities mean what they say?", fontsize=13)
+    fig.tight_layout()
+    path = out / f"calibration-{src.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def chart_mistakes(src: Source, data: CifarData, probs: np.ndarray, out: Path,
                    rows: int = 4, cols: int = 8) -> Path:
     plt = _plt()
@@ -274,6 +317,7 @@ def build_report(dirs: list[Path], out: Path, data: CifarData | None = None,
         sections += [("h2", s.label), ("img", chart_curves(s, out)),
                      ("p", f"Test-set analysis of {_best_run(s).name} (TTA: {clf.tta})."),
                      ("img", chart_confusion(s, data, probs, out)),
+                     ("img", chart_calibration(s, data, probs, out)),
                      ("img", chart_mistakes(s, data, probs, out))]
     if modes:
         sections += [("h2", "Execution modes (cifarcnn bench modes)"), ("table", modes)]
