@@ -97,3 +97,21 @@ def test_calibrate_from_the_cli_stores_the_temperature_that_everything_applies(t
     r = here(capsys, "calibrate", "--weights", out, "--data", arc, "--split", "train")
     assert r.returncode == 0 and f"wrote {out.resolve()}" in r.stdout
     assert cifarcnn.load(out).meta["temperature_fit"]["split"] == "train"
+
+
+def test_the_val_split_is_the_runs_own_holdout(tmp_path):
+    from test_train import tiny_data
+
+    from cifarcnn.calibrate import split_images
+    from cifarcnn.config import TrainConfig
+    from cifarcnn.train import train
+
+    data = tiny_data()
+    train(TrainConfig(epochs=1, batch_size=64, holdout=50, out=str(tmp_path / "r")),
+          data=data, quiet=True)
+    clf = cifarcnn.load(tmp_path / "r", device="cpu")
+    name, x, y = split_images(clf, data, "val")
+    assert name == "held-out training" and len(y) == 50 == clf.meta["holdout"]
+    # exactly the images the run validated on: its recorded accuracy, reproduced
+    assert np.mean(clf.predict(x).argmax(1) == y) == clf.meta["val_accuracy"]
+    assert split_images(cifarcnn.load("paper-cnn"), data, "val")[0] == "test"

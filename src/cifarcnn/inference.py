@@ -178,11 +178,10 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     `accuracy`/`loss` use the TTA logits; `accuracy_no_tta` is the single view;
     `views_per_image` is the forward passes run per image (the TTA's view
     count, less with a `gate`); `calibration` compares confidence with accuracy
-    (`calibration`), at the weights' `temperature`; `confusion[t][p]` counts the images
-    of class t
-    predicted as p. Under DDP (`world`) the ranks split the
-    batches and sum their counts, so every rank reports what a single process
-    reports for the same weights.
+    (see `calibration`) at the weights' `temperature`, which the loss uses too;
+    `confusion[t][p]` counts the images of class t predicted as p. Under DDP
+    (`world`) the ranks split the batches and sum their counts, so every rank
+    reports what a single process reports for the same weights.
     """
     world = world or World()
     batch_size = eval_batch(device, batch_size)  # the batches view_logits shards by

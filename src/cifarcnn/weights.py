@@ -193,7 +193,6 @@ def load_weights(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, 
     return model.to(device).eval(), meta
 
 
-
 def init_from_weights(model: nn.Module, path: str | os.PathLike,
                       classes: list[str]) -> tuple[int, int]:
     """Fine-tuning's start: copy saved weights into a freshly built `model`.
