@@ -318,8 +318,11 @@ def test_fine_tuning_starts_from_the_weights_with_a_new_head_for_other_classes(t
               quiet=True)
     assert b["val_correct"] == a["val_correct"] and b["val_accuracy"] == a["val_accuracy"]
     # mismatches stop before any run is written
+    export = tmp_path / "m.onnx"
+    export.write_bytes(b"an export's name is enough")
     for cfg, needle in ((TrainConfig(model="paper-cnn", init_from=str(src)), "holds a fast"),
                         (TrainConfig(init_from=str(tmp_path / "none")), "no such file"),
+                        (TrainConfig(init_from=str(export)), "an export"),
                         (TrainConfig(init_from=str(src), model_kwargs={"widths": [8, 8, 8]}),
                          "do not fit")):
         cfg.out = str(tmp_path / "never")

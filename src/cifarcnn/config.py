@@ -115,6 +115,9 @@ class TrainConfig:
             from .weights import read_meta, resolve_weights_path
 
             path = resolve_weights_path(c.init_from)
+            if path.suffix.lower() in (".onnx", ".pt", ".ts"):
+                raise CifarError(f"--init-from {c.init_from}: an export, a graph for inference; "
+                                 "give the .safetensors weights it was exported from")
             meta = read_meta(path)
             if c.model is not None and c.model != meta["model"]:
                 raise CifarError(f"--init-from {c.init_from}: holds a {meta['model']} model, "
