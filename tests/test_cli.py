@@ -185,6 +185,26 @@ def test_evaluate_counts_each_class_and_each_confusion():
     assert [b["images"] for b in c["bins"]] == np.bincount(bins, minlength=15).tolist()
 
 
+def test_evaluate_on_a_test_folder_of_some_of_the_classes(tmp_path, capsys):
+    """One's own labelled photos: test/<class>/ alone, any of the model's classes by name."""
+    from formats import image_folder
+
+    root = image_folder(tmp_path / "own", per_class=3, classes=("dog", "cat"))
+    shutil.rmtree(root / "train")
+    r = here(capsys, "evaluate", "--weights", "paper-cnn", "--data", root, "--json")
+    assert r.returncode == 0, r.stderr
+    m = np.array(json.loads(r.stdout)["confusion"])  # rows: the model's classes
+    assert m.sum(1).tolist() == [0, 0, 0, 3, 0, 3, 0, 0, 0, 0]
+    r = here(capsys, "evaluate", "--weights", "paper-cnn", "--data", root)
+    assert "cat " in r.stdout and "airplane -" in r.stdout and "recorded" not in r.stdout
+    assert_one_line_error(here(capsys, "train", "--data", root, "--out", tmp_path / "r"),
+                          "no training images", "train/<class>/")
+    (root / "test" / "dog").rename(root / "test" / "puppy")
+    r = here(capsys, "evaluate", "--weights", "paper-cnn", "--data", root)  # decoded anew
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "['puppy'] are not among the model's" in r.stderr.splitlines()[-1]
+
+
 def test_missing_weights(tmp_path, capsys):
     r = here(capsys, "evaluate", "--weights", str(tmp_path / "none.safetensors"))
     assert_one_line_error(r, "none.safetensors", "no such file")

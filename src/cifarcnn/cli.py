@@ -282,17 +282,28 @@ def per_class_lines(r: dict[str, Any], classes: list[str], confusions: int = 3) 
     return "\n".join(lines)
 
 
+def model_labels(data: Any, classes: list[str], where: str | None) -> Any:
+    """The test labels as indices into the model's `classes`. The data may hold any of
+    them (a folder of one's own photos of cats and dogs, say), matched by name."""
+    import numpy as np
+
+    if data.classes == classes:
+        return data.test_labels
+    unknown = [c for c in data.classes if c not in classes]
+    if unknown:
+        raise CifarError(f"{where or 'data'}: classes {unknown} are not among the model's "
+                         f"({', '.join(classes)}); name the class folders after them")
+    return np.array([classes.index(c) for c in data.classes], dtype=np.int64)[data.test_labels]
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .datasets import load_cifar10
     from .inference import load
 
     clf = load(a.weights, device=a.device, tta=a.tta, tta_gate=a.tta_gate)
     data = load_cifar10(a.data, a.download, verbose=True)
-    if data.classes != clf.classes:
-        raise CifarError(f"{a.data or 'data'}: classes {data.classes} differ from the "
-                         f"model's {clf.classes}")
     t0 = time.perf_counter()
-    r = clf.evaluate(data.test_images, data.test_labels)
+    r = clf.evaluate(data.test_images, model_labels(data, clf.classes, a.data))
     r["seconds"] = time.perf_counter() - t0
     r["weights"] = str(clf.path)
     if a.json:
@@ -310,7 +321,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
               f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}, {r['seconds']:.1f}s{gated}")
         recorded = {clf.meta.get("tta", "none"): clf.meta.get("val_accuracy"),
                     "none": clf.meta.get("val_accuracy_no_tta", clf.meta.get("val_accuracy"))}
-        if recorded.get(clf.tta) is not None:
+        if recorded.get(clf.tta) is not None and data.classes == clf.classes:
             every = ", every view of every image" if clf.tta_gate and clf.tta != "none" else ""
             print(f"(recorded at training time{every}: {recorded[clf.tta]:.2%})")
         print(per_class_lines(r, clf.classes))

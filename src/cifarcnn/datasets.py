@@ -260,15 +260,17 @@ class _Collector:
     def _images(self, src: str) -> CifarData:
         images = self._images_decoded()
         classes = sorted({c for (_, c, _) in images})
-        for split in ("train", "test"):
-            if not any(s == split for (s, _, _) in images):
-                raise CifarError(f"{src}: image folders need both train/ and test/; "
-                                 f"no {split}/<class>/ images found")
+        # test/ alone is enough to evaluate on (a folder of one's own labelled photos);
+        # training refuses an empty train split (train.split_data)
+        if not any(s == "test" for (s, _, _) in images):
+            raise CifarError(f"{src}: no test/<class>/ images found; image folders need "
+                             "test/<class>/ (and train/<class>/ to train on)")
         index = {c: i for i, c in enumerate(classes)}
         out = {}
         for split in ("train", "test"):
             keys = sorted(k for k in images if k[0] == split)
-            x = np.stack([images[k] for k in keys])
+            x = (np.stack([images[k] for k in keys]) if keys
+                 else np.zeros((0, 32, 32, 3), dtype=np.uint8))
             y = np.array([index[k[1]] for k in keys], dtype=np.int64)
             out[split] = (x, y)
         return CifarData(*out["train"], *out["test"], classes, src, self.skipped)

@@ -162,6 +162,9 @@ def _stopped(group: dict[str, Any], epoch: int) -> bool:
 def split_data(data: CifarData, cfg: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """train / val / (test when --holdout): class-balanced and the same for every seed."""
     x, y = data.train_images, data.train_labels
+    if not len(y):
+        raise CifarError(f"{data.source}: no training images; an image folder needs "
+                         "train/<class>/ images to train on (test/ alone serves evaluate)")
     splits = {}
     if cfg.holdout:
         if cfg.holdout >= len(y):
