@@ -525,6 +525,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="test images compared with eager after reloading (default 2000)")
     ex.add_argument("--no-check", action="store_true", help="skip the equality check")
     ex.add_argument("--json", action="store_true")
+    cal = sub.add_parser("calibrate", help="fit a temperature that makes the probabilities "
+                         "match the accuracy (temperature scaling), stored in the weights")
+    cal.add_argument("--weights", required=True,
+                     help="weights .safetensors or run directory (changed in place unless "
+                     "--out), or a shipped model name (with --out)")
+    cal.add_argument("--data", help="CIFAR-10 archive or folder")
+    cal.add_argument("--split", choices=["val", "train", "test"], default="val",
+                     help="images to fit on (default val: those the run validated on, its "
+                     "--holdout images or else the test images; train: biased, the net has "
+                     "fitted them)")
+    cal.add_argument("--images", type=int, default=10_000, metavar="N",
+                     help="class-balanced images of the split to fit on (default 10,000)")
+    cal.add_argument("--out", help="write the calibrated weights here instead")
+    cal.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    cal.add_argument("--json", action="store_true", help="machine-readable output")
+    info = sub.add_parser("info", help="what a weights file or export holds: model, classes, "
+                          "TTA, recorded accuracy, how it was trained, checksum")
+    info.add_argument("weights", help="weights .safetensors, run directory, shipped model name, "
+                      "or a .onnx / .pt export")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench",
                                                                        required=True)
     bm = bench.add_parser("modes", help="time training and inference per execution mode "
@@ -571,26 +591,6 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"])
     tb.add_argument("--keep", metavar="DIR", help="keep the run folders here")
     sub.add_parser("models", help="list the models")
-    cal = sub.add_parser("calibrate", help="fit a temperature that makes the probabilities "
-                         "match the accuracy (temperature scaling), stored in the weights")
-    cal.add_argument("--weights", required=True,
-                     help="weights .safetensors or run directory (changed in place unless "
-                     "--out), or a shipped model name (with --out)")
-    cal.add_argument("--data", help="CIFAR-10 archive or folder")
-    cal.add_argument("--split", choices=["val", "train", "test"], default="val",
-                     help="images to fit on (default val: those the run validated on, its "
-                     "--holdout images or else the test images; train: biased, the net has "
-                     "fitted them)")
-    cal.add_argument("--images", type=int, default=10_000, metavar="N",
-                     help="class-balanced images of the split to fit on (default 10,000)")
-    cal.add_argument("--out", help="write the calibrated weights here instead")
-    cal.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    cal.add_argument("--json", action="store_true", help="machine-readable output")
-    info = sub.add_parser("info", help="what a weights file or export holds: model, classes, "
-                          "TTA, recorded accuracy, how it was trained, checksum")
-    info.add_argument("weights", help="weights .safetensors, run directory, shipped model name, "
-                      "or a .onnx / .pt export")
-    info.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
