@@ -300,12 +300,20 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .datasets import load_cifar10
     from .inference import load
 
+    shift = None
+    if a.corrupt:
+        from .corrupt import corrupt, parse
+
+        shift = parse(a.corrupt)  # a typo stops here, before anything loads
     clf = load(a.weights, device=a.device, tta=a.tta, tta_gate=a.tta_gate)
     data = load_cifar10(a.data, a.download, verbose=True)
+    images = data.test_images if shift is None else corrupt(data.test_images, *shift)
     t0 = time.perf_counter()
-    r = clf.evaluate(data.test_images, model_labels(data, clf.classes, a.data))
+    r = clf.evaluate(images, model_labels(data, clf.classes, a.data))
     r["seconds"] = time.perf_counter() - t0
     r["weights"] = str(clf.path)
+    if shift is not None:
+        r["corruption"] = {"name": shift[0], "severity": shift[1]}
     if a.json:
         print(json.dumps(r))
     else:
@@ -318,10 +326,11 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         if clf.tta != "none" and clf.tta_gate is not None:
             gated = f"; TTA gated at {clf.tta_gate:g}: {r['views_per_image']:.2f} views per image"
         print(f"{clf.path}: {clf.meta['model']} test accuracy {r['accuracy']:.2%}{tta} "
-              f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}, {r['seconds']:.1f}s{gated}")
+              f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}, {r['seconds']:.1f}s{gated}"
+              + (f"; the images under {shift[0]}, severity {shift[1]} of 5" if shift else ""))
         recorded = {clf.meta.get("tta", "none"): clf.meta.get("val_accuracy"),
                     "none": clf.meta.get("val_accuracy_no_tta", clf.meta.get("val_accuracy"))}
-        if recorded.get(clf.tta) is not None and data.classes == clf.classes:
+        if recorded.get(clf.tta) is not None and data.classes == clf.classes and not shift:
             every = ", every view of every image" if clf.tta_gate and clf.tta != "none" else ""
             print(f"(recorded at training time{every}: {recorded[clf.tta]:.2%})")
         print(per_class_lines(r, clf.classes))
@@ -496,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.choices["evaluate"]
     evaluate.add_argument("--data", help="CIFAR-10 archive or folder")
     evaluate.add_argument("--download", action="store_true")
+    evaluate.add_argument("--corrupt", metavar="NAME:SEVERITY",
+                          help="accuracy under a common corruption of the test images: "
+                          "gaussian_noise, gaussian_blur, contrast, brightness, jpeg or "
+                          "pixelate, severity 1-5 (e.g. gaussian_noise:3)")
     predict = sub.choices["predict"]
     predict.add_argument("images", nargs="+", metavar="IMG",
                          help="image files, any size/mode, or folders of them; - reads one "
