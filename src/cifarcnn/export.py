@@ -216,23 +216,18 @@ def load_exported(path: Path) -> Exported:
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
+        meta = onnx_meta(path)
         try:
-            import onnx
             import onnxruntime as ort
         except ImportError:
             raise CifarError("running an ONNX file needs the optional packages: "
                              "pip install 'cifarcnn[export]'") from None
         try:
-            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
-                     .metadata_props}
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnx and onnxruntime raise their own types
+        except Exception as e:  # onnxruntime raises its own types
             raise CifarError(f"{path}: not a readable ONNX model ({e})") from None
-        if META_KEY not in props:
-            raise CifarError(f"{path}: ONNX file without cifarcnn metadata; export it with "
-                             "`cifarcnn export`")
-        return Exported(path, _meta(path, props[META_KEY]),
-                        lambda x: session.run(None, {"images": x})[0], cpu_batches=False)
+        return Exported(path, meta, lambda x: session.run(None, {"images": x})[0],
+                        cpu_batches=False)
     files = {META_KEY: ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
@@ -248,6 +243,24 @@ def load_exported(path: Path) -> Exported:
             return module(torch.from_numpy(x)).numpy()
 
     return Exported(path, _meta(path, files[META_KEY]), run, cpu_batches=True)
+
+
+def onnx_meta(path: Path) -> dict[str, Any]:
+    """An ONNX export's cifarcnn metadata, read from the model file without running it."""
+    try:
+        import onnx
+    except ImportError:
+        raise CifarError("reading an ONNX file needs the optional packages: "
+                         "pip install 'cifarcnn[export]'") from None
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
+                 .metadata_props}
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise CifarError(f"{path}: not a readable ONNX model ({e})") from None
+    if META_KEY not in props:
+        raise CifarError(f"{path}: ONNX file without cifarcnn metadata; export it with "
+                         "`cifarcnn export`")
+    return _meta(path, props[META_KEY])
 
 
 def _meta(path: Path, text: str) -> dict[str, Any]:

@@ -34,30 +34,19 @@ def sha256(path: Path) -> str:
 
 def export_meta(path: Path) -> dict[str, Any]:
     """An export's cifarcnn metadata, without running it."""
-    from .export import META_KEY, _meta
+    from .export import META_KEY, _meta, onnx_meta
 
     if path.suffix.lower() == ".onnx":
-        try:
-            import onnx
-        except ImportError:
-            raise CifarError("reading an ONNX file needs the optional packages: "
-                             "pip install 'cifarcnn[export]'") from None
-        try:
-            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
-                     .metadata_props}
-        except Exception as e:  # protobuf's DecodeError and friends
-            raise CifarError(f"{path}: not a readable ONNX model ({e})") from None
-        text = props.get(META_KEY)
-    else:
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = [n for n in z.namelist() if n.endswith(f"/extra/{META_KEY}")]
-                text = z.read(names[0]).decode() if names else None
-        except (zipfile.BadZipFile, UnicodeDecodeError) as e:
-            raise CifarError(f"{path}: not a TorchScript export ({e})") from None
+        return onnx_meta(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith(f"/extra/{META_KEY}")]
+            text = z.read(names[0]).decode() if names else None
+    except (zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise CifarError(f"{path}: not a TorchScript export ({e})") from None
     if text is None:
-        raise CifarError(f"{path}: a file without cifarcnn metadata; export it with "
-                         "`cifarcnn export`")
+        raise CifarError(f"{path}: TorchScript file without cifarcnn metadata; export it "
+                         "with `cifarcnn export`")
     return _meta(path, text)
 
 
