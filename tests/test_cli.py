@@ -424,3 +424,19 @@ def test_cpu_inference_runs_in_small_batches_with_the_same_answers(tmp_path, mon
     r = subprocess.run([sys.executable, str(bench), "--batches", "0"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "at least 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_output_into_a_reader_that_left_ends_quietly():
+    """`cifarcnn models | head -1`: once the reader has gone, the CLI stops with the
+    shell's SIGPIPE code and no traceback, rather than a BrokenPipeError at exit."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        r = subprocess.run([sys.executable, "-m", "cifarcnn", "models"], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141, r.stderr
+    assert r.stderr == ""

@@ -2,13 +2,16 @@
 
 train, evaluate, predict, export, bench (modes, time-to-accuracy), experiment,
 results, report, models. User errors (CifarError) print one line to stderr
-and exit 2; an interrupted training exits 130 (SIGINT) or 143 (SIGTERM).
+and exit 2; an interrupted training exits 130 (SIGINT) or 143 (SIGTERM); output
+piped into a reader that stops early (`| head`) ends quietly with 141, as
+Unix tools do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -655,7 +658,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = one_line
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()  # inside the try: a reader that left is caught below
+            return code
+    except BrokenPipeError:
+        # The reader of our output has gone (`cifarcnn models | head -1`): stop without
+        # a traceback. Point stdout at /dev/null so the interpreter's last flush of what
+        # is still buffered does not raise again; 141 is the shell's code for SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Interrupted as e:
         print(f"cifarcnn {args.command}: {e}", file=sys.stderr)
         return e.exit_code
