@@ -112,9 +112,13 @@ def test_signal_checkpoints_and_exits_then_resumes_exactly(archive, reference_ru
 
 
 def test_resume_in_process_from_every_epoch_end_is_exact(tmp_path):
+    # with training noise (seeded per step), which must repeat too, and does change the run
     data = tiny_data(200, 50)
-    cfg = dict(epochs=3, batch_size=32, seed=1, checkpoint_every=2)
+    cfg = dict(epochs=3, batch_size=32, seed=1, checkpoint_every=2, noise=0.1)
     train(TrainConfig(**cfg, out=str(tmp_path / "ref")), data=data, quiet=True)
+    train(TrainConfig(**{**cfg, "noise": 0.0}, out=str(tmp_path / "clean")), data=data,
+          quiet=True)
+    assert not _same(_weights(tmp_path / "clean"), _weights(tmp_path / "ref"))
     run = tmp_path / "cut"
     real_save = checkpoint.save
     calls = {"n": 0}

@@ -156,9 +156,28 @@ def test_bad_config_values_are_clear_errors():
                            ({"label_smoothing": 2.0}, "--label-smoothing 2.0"),
                            ({"label_smoothing": -0.1}, "--label-smoothing -0.1"),
                            ({"dist_timeout": 0.0}, "--dist-timeout 0.0"),
+                           ({"noise": -0.1}, "--noise -0.1"), ({"noise": 2.0}, "--noise 2.0"),
+                           ({"noise": float("nan")}, "--noise nan: give a finite number"),
                            ({"eval_batch_size": 0}, "eval_batch_size 0")):
         with pytest.raises(CifarError, match=needle):
             TrainConfig(**kwargs).resolved()
+
+
+def test_training_noise_is_seeded_per_step_and_spans_clean_to_the_given_level():
+    images = torch.full((400, 8, 8, 3), 128, dtype=torch.uint8)
+    images[0] = 255  # clipped, not wrapped around
+    noisy = augment.add_noise(images, 0.1, seed=5)
+    assert noisy.dtype == torch.uint8 and noisy.shape == images.shape
+    assert torch.equal(noisy, augment.add_noise(images, 0.1, seed=5))
+    assert not torch.equal(noisy, augment.add_noise(images, 0.1, seed=6))
+    assert noisy[0].min() > 128 and noisy[0].max() == 255
+    level = (noisy[1:].float() - 128).std(dim=(1, 2, 3)) / 255  # each image's own level
+    assert level.max() < 0.1 * 1.25 and level.min() < 0.01  # drawn from [0, 0.1]
+    assert 0.04 < level.mean() < 0.06
+    assert torch.equal(augment.add_noise(images, 0.0, seed=5), images)
+    seeds = {augment.noise_seed(s, e, t, r) for s in range(3) for e in range(3)
+             for t in range(3) for r in range(2)}
+    assert len(seeds) == 54  # every run, epoch, step and rank its own noise
 
 
 def test_hardest_picks_the_highest_losses_and_the_plan_keeps_each_images_crop():

@@ -108,6 +108,27 @@ def crop_flip(padded: torch.Tensor, idx: torch.Tensor, dx: torch.Tensor, dy: tor
     return padded.reshape(n * h * w, c).index_select(0, flat).view(len(idx), size, size, c)
 
 
+def add_noise(images: torch.Tensor, max_std: float, seed: int) -> torch.Tensor:
+    """uint8 NHWC images with Gaussian pixel noise, rounded and clipped back to uint8.
+
+    Each image draws its own standard deviation uniformly from [0, max_std] (a
+    fraction of the 0-255 range), so the batch spans clean to noisy and the net
+    does not learn that every image is noisy. Returned as uint8, like a noisy
+    photo, it goes through the same normalisation as any other batch. Seeded per
+    step (`seed`), so a resumed run adds the same noise.
+    """
+    g = torch.Generator(device=images.device).manual_seed(seed)
+    n = images.shape[0]
+    level = torch.rand((n, 1, 1, 1), generator=g, device=images.device) * (max_std * 255.0)
+    noise = torch.randn(images.shape, generator=g, device=images.device).mul_(level)
+    return noise.add_(images).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def noise_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """A distinct seed for each (run seed, epoch, step, rank): each batch shard its own noise."""
+    return ((seed * 100_003 + epoch) * 1_000_003 + step) * 1_009 + rank
+
+
 def view(images: torch.Tensor, flip: bool, shift: int | tuple[int, int]) -> torch.Tensor:
     """One test-time view of uint8 NHWC images: mirrored and/or moved `shift` pixels.
 

@@ -111,6 +111,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="random: a coin per image and epoch; alternate: each image mirrored "
                    "every other epoch (fast); alternate-seen: every other time it is trained "
                    "on (differs from alternate only under --select-fraction)")
+    p.add_argument("--noise", type=float, metavar="S",
+                   help="Gaussian pixel noise on each training image, its standard deviation "
+                   "drawn from [0, S] as a fraction of the range (0.1: robust to noisy "
+                   "photos; default 0)")
     p.add_argument("--data", help="CIFAR-10 archive or folder (default: $CIFAR10_DATA, then "
                    "the cache folder)")
     p.add_argument("--download", action="store_true",
@@ -207,7 +211,7 @@ def _config_from_flags(a: argparse.Namespace):
         weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, tta=a.tta,
         translate=a.translate, pad_mode=a.pad_mode, downscale=a.downscale,
         downscale_epochs=a.downscale_epochs, low_res=a.low_res,
-        low_res_epochs=a.low_res_epochs, flip=a.flip, seed=a.seed,
+        low_res_epochs=a.low_res_epochs, flip=a.flip, noise=a.noise, seed=a.seed,
         select_fraction=a.select_fraction, select_from_epoch=a.select_from_epoch,
         lookahead=a.lookahead, lookahead_decay=a.lookahead_decay,
         device=a.device, precision=a.precision, channels_last=a.channels_last,

@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "low_res_epochs": 0,
     "translate": 4,
     "pad_mode": "zeros",
+    "noise": 0.0,
     "flip": "random",
     "select_fraction": 1.0,
     "select_from_epoch": 1,
@@ -81,6 +82,9 @@ class TrainConfig:
     translate: int | None = None  # random crops move images by up to this many pixels
     pad_mode: str | None = None  # what fills the border uncovered by a translation
     flip: str | None = None  # random: a coin per image and epoch; alternate: see augment.py
+    # > 0: Gaussian pixel noise on each training image, its standard deviation drawn from
+    # [0, noise] (a fraction of the range): robustness to noisy photos (augment.add_noise)
+    noise: float | None = None
     # < 1: from epoch select_from_epoch (counted from 0) on, each epoch trains on this fraction
     # of the images, those with the highest loss when last seen (see train.epoch_images)
     select_fraction: float | None = None
@@ -202,10 +206,13 @@ class TrainConfig:
                             ("--warmup-epochs", c.warmup_epochs),
                             ("--label-smoothing", c.label_smoothing),
                             ("--lookahead-decay", c.lookahead_decay),
-                            ("--select-fraction", c.select_fraction),
+                            ("--select-fraction", c.select_fraction), ("--noise", c.noise),
                             ("--dist-timeout", c.dist_timeout)):
             if not math.isfinite(value):
                 raise CifarError(f"{flag} {value}: give a finite number")
+        if not 0 <= c.noise <= 1:
+            raise CifarError(f"--noise {c.noise}: choose a standard deviation in [0, 1], a "
+                             "fraction of the pixel range (0.1 is strong noise)")
         if c.lr <= 0:
             raise CifarError(f"--lr {c.lr}: must be positive")
         if not 0 <= c.momentum < 1:

@@ -506,6 +506,9 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
                 sl = distributed.shard(s * global_bs, min(count, (s + 1) * global_bs), world)
                 idx = order[sl]
                 x = augment.crop_flip(padded, idx, dx[sl], dy[sl], flip[sl], crop)
+                if cfg.noise:
+                    x = augment.add_noise(x, cfg.noise,
+                                          augment.noise_seed(cfg.seed, epoch, s, world.rank))
                 x = augment.normalize(x, mean, std, cfg.channels_last, in_dtype)
                 if size != crop:
                     x = augment.shrink(x, size)
