@@ -178,6 +178,29 @@ def test_training_noise_is_seeded_per_step_and_spans_clean_to_the_given_level():
     seeds = {augment.noise_seed(s, e, t, r) for s in range(3) for e in range(3)
              for t in range(3) for r in range(2)}
     assert len(seeds) == 54  # every run, epoch, step and rank its own noise
+    assert 0 <= augment.noise_seed(2**40, 7, 10**6, 3) < 2**63
+
+
+def test_training_noise_reaches_the_fast_nets_whitening_fit(tmp_path):
+    # images without detail at the 2x2 scale (one colour each; JPEG leaves CIFAR-10 little
+    # there): the whitening fitted on them multiplies the finest patch directions as far as
+    # whiten_eps lets it (~44x); fitted on the --noise images it trains on, it sees noise
+    # there and damps it instead
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (300, 1, 1, 3), dtype=np.uint8).repeat(32, 1).repeat(32, 2)
+    y = np.arange(300, dtype=np.int64) % 10
+    data = CifarData(x[:200], y[:200], x[200:], y[200:], list(CLASSES), "smooth")
+    gains = {}
+    for noise in (0.0, 0.1):
+        out = tmp_path / f"n{noise}"
+        train(TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=1,
+                          batch_size=100, precision="fp32", noise=noise, out=str(out)),
+              data=data, quiet=True)
+        w = load_file(out / "weights.safetensors")["whiten.weight"].flatten(1)
+        gains[noise] = w.norm(dim=1).max().item()  # the most amplified direction's gain
+    assert gains[0.1] < gains[0.0] / 5, gains
 
 
 def test_hardest_picks_the_highest_losses_and_the_plan_keeps_each_images_crop():

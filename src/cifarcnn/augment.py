@@ -125,8 +125,9 @@ def add_noise(images: torch.Tensor, max_std: float, seed: int) -> torch.Tensor:
 
 
 def noise_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """A distinct seed for each (run seed, epoch, step, rank): each batch shard its own noise."""
-    return ((seed * 100_003 + epoch) * 1_000_003 + step) * 1_009 + rank
+    """A distinct seed for each (run seed, epoch, step, rank): each batch shard its own noise
+    (epoch -1: the whitening's sample). Kept below 2**63, which any generator accepts."""
+    return (((seed * 100_003 + epoch) * 1_000_003 + step) * 1_009 + rank) % 2**63
 
 
 def view(images: torch.Tensor, flip: bool, shift: int | tuple[int, int]) -> torch.Tensor:

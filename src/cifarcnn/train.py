@@ -352,6 +352,9 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
         # data-dependent initialisation (fast's whitening layer): a fixed sample, every rank
         sample = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
             cfg.seed))[:5000].to(device)]
+        if cfg.noise:  # fitted to what it will see: noise then counts as variance to damp
+            sample = augment.add_noise(sample, cfg.noise,
+                                       augment.noise_seed(cfg.seed, -1, 0, 0))
         model.init_from_data(augment.normalize(sample, mean, std, channels_last=False))
     n, bs = len(y_train), cfg.batch_size
     counts = epoch_images(n, cfg)
