@@ -244,6 +244,9 @@ def test_info_describes_weights_without_running_them(trained, tmp_path, capsys):
     assert d["training"]["train_seconds"] == summary["train_seconds"]
     text = here(capsys, "info", tmp / "run").stdout
     assert f"{summary['val_accuracy']:.2%} with its TTA" in text and "320,170 parameters" in text
+    # how the run departed from paper-cnn's recipe travels in the weights themselves
+    assert d["recipe_changes"] == {"epochs": 1, "batch_size": 64}
+    assert "paper-cnn's, changed: epochs 1, batch_size 64" in text
     # a shipped model's record sits beside it as <name>.json, with the command that made it
     shipped = json.loads((ROOT / "weights" / "fast.json").read_text())
     text = here(capsys, "info", "fast").stdout

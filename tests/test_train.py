@@ -203,6 +203,17 @@ def test_training_noise_reaches_the_fast_nets_whitening_fit(tmp_path):
     assert gains[0.1] < gains[0.0] / 5, gains
 
 
+def test_recipe_changes_name_what_departs_from_the_models_recipe():
+    from cifarcnn.config import recipe_changes
+
+    assert recipe_changes(TrainConfig(model="fast").resolved()) == {}
+    cfg = TrainConfig(model="fast", noise=0.1, lr=0.04, downscale=0, select_fraction=1.0,
+                      augment=False).resolved()
+    # the switched-off features' own settings (downscale_epochs...) are not changes
+    assert recipe_changes(cfg) == {"lr": 0.04, "downscale": 0, "noise": 0.1,
+                                   "select_fraction": 1.0, "augment": False}
+
+
 def test_hardest_picks_the_highest_losses_and_the_plan_keeps_each_images_crop():
     losses = torch.tensor([0.5, 2.0, float("inf"), 0.1, 2.0, 1.0])
     chosen = augment.hardest(losses, 3)

@@ -259,6 +259,23 @@ class TrainConfig:
         return cls(**values)
 
 
+def recipe_changes(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved training settings in which a run departs from its model's recipe.
+
+    Kept in the weights' metadata, so weights that travel without their run folder
+    still say how they were made (`cifarcnn info`: trained with `--noise 0.1`, say).
+    A setting whose feature is off (the epochs of a `--downscale 0`) is left out.
+    """
+    recipe = get_spec(cfg.model).recipe
+    off = {"downscale_epochs": not cfg.downscale, "low_res_epochs": not cfg.low_res,
+           "lookahead_decay": not cfg.lookahead, "select_from_epoch": cfg.select_fraction >= 1}
+    changes = {k: getattr(cfg, k) for k, v in DEFAULTS.items()
+               if getattr(cfg, k) != recipe.get(k, v) and not off.get(k)}
+    if not cfg.augment:
+        changes["augment"] = False
+    return changes
+
+
 def resolve_device(name: str) -> str:
     if name not in DEVICES:
         raise CifarError(f"--device {name!r}: choose one of {', '.join(DEVICES)}")

@@ -81,7 +81,8 @@ def describe(spec: str) -> dict[str, Any]:
     out["sha256"] = sha256(path)
     out.update({k: meta[k] for k in ("model", "model_kwargs", "classes", "tta", "precision",
                                      "epochs", "seed", "val_accuracy", "val_accuracy_no_tta",
-                                     "test_accuracy", "init_from", "temperature",
+                                     "test_accuracy", "init_from", "recipe_changes",
+                                     "temperature",
                                      "temperature_fit", "input", "output")
                 if k in meta})
     summary = summary_beside(path) if out["format"] == "safetensors" else None
@@ -124,6 +125,11 @@ def format_info(d: dict[str, Any]) -> str:
         rows.append(("calibrated", f"temperature {d['temperature']:.4f}{how}"))
     if d.get("init_from"):
         rows.append(("fine-tuned", f"from {d['init_from']}"))
+    changes = d.get("recipe_changes")
+    if isinstance(changes, dict):  # recorded since 2026-11-29; older weights say nothing
+        name = d.get("model", "the model")
+        rows.append(("recipe", f"{name}'s own" if not changes else f"{name}'s, changed: "
+                     + ", ".join(f"{k} {json.dumps(v)}" for k, v in changes.items())))
     accuracy = f"{_percent(d.get('val_accuracy'))} with its TTA"
     if tta == "none":
         accuracy = _percent(d.get("val_accuracy"))

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import augment, checkpoint, distributed, modes, native, perf
-from .config import DEFAULTS, TrainConfig
+from .config import DEFAULTS, TrainConfig, recipe_changes
 from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
 from .inference import autocast, evaluate_arrays, input_dtype
@@ -614,6 +614,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             "eval_batch_size": cfg.eval_batch_size, "epochs": cfg.epochs, "seed": cfg.seed,
             "tta": cfg.tta, "val_accuracy": last["val_accuracy"],
             "val_accuracy_no_tta": last["val_accuracy_no_tta"], "mean": MEAN, "std": STD,
+            "recipe_changes": recipe_changes(cfg),
             **({"init_from": cfg.init_from} if cfg.init_from else {}),
             **({"holdout": cfg.holdout} if cfg.holdout else {})}  # calibrate's images
     summary: dict[str, Any] = {
