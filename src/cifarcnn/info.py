@@ -82,8 +82,7 @@ def describe(spec: str) -> dict[str, Any]:
     out.update({k: meta[k] for k in ("model", "model_kwargs", "classes", "tta", "precision",
                                      "epochs", "seed", "val_accuracy", "val_accuracy_no_tta",
                                      "test_accuracy", "init_from", "recipe_changes",
-                                     "temperature",
-                                     "temperature_fit", "input", "output")
+                                     "temperature", "temperature_fit", "input", "output")
                 if k in meta})
     summary = summary_beside(path) if out["format"] == "safetensors" else None
     if summary is not None:
