@@ -176,6 +176,13 @@ def _tap_pairs(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return tuple(torch.tensor(col) for col in zip(*rows, strict=True))  # type: ignore[return-value]
 
 
+def tap_pairs(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_tap_pairs`, from its cache in eager mode; under torch.compile, computed, so that
+    Dynamo traces them into the graph as constants without warning that it bypasses the
+    cache."""
+    return (_tap_pairs.__wrapped__ if torch.compiler.is_compiling() else _tap_pairs)(h, w)
+
+
 class DenseConv(torch.autograd.Function):
     """A 3x3, padding-1 conv on a tiny map as one dense matrix product.
 
@@ -198,7 +205,7 @@ class DenseConv(torch.autograd.Function):
         o, p = weight.shape[0], h * w
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        pin, pout, tap = _tap_pairs(h, w)
+        pin, pout, tap = tap_pairs(h, w)
         taps = weight.to(dtype).permute(2, 3, 1, 0).reshape(9, c, o)
         blocks = taps.new_zeros(p, p, c, o)
         blocks[pin, pout] = taps[tap]
@@ -220,7 +227,7 @@ class DenseConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = (g @ dense.t()).view(n, h, w, c).permute(0, 3, 1, 2).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            pin, pout, tap = _tap_pairs(h, w)
+            pin, pout, tap = tap_pairs(h, w)
             blocks = (flat.t() @ g).view(p, c, p, o).permute(0, 2, 1, 3)
             per_pair = blocks[pin, pout].to(torch.promote_types(flat.dtype, torch.float32))
             taps = per_pair.new_zeros(9, c, o).index_add_(0, tap, per_pair)
