@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from cifarcnn import native, perf
 from cifarcnn.cli import _config_from_flags, _train_flags
-from cifarcnn.config import TrainConfig
+from cifarcnn.config import TrainConfig, read_config_file
 from cifarcnn.errors import CifarError
 from cifarcnn.inference import autocast, input_dtype
 from cifarcnn.models import build_model
@@ -78,13 +78,21 @@ def parse_recipe(text: str, device: str) -> Recipe:
     except ValueError as e:
         raise CifarError(f"--recipe {name}: its flags do not parse ({e})") from None
     plain = PLAIN in tokens
-    parser = argparse.ArgumentParser(prog=f"--recipe {name}", exit_on_error=False)
-    _train_flags(parser)
-    parser.set_defaults(model="fast", device=device)
-    try:
-        args, unknown = parser.parse_known_args([t for t in tokens if t != PLAIN])
-    except argparse.ArgumentError as e:
-        raise CifarError(f"--recipe {name}: {e}") from None
+
+    def parse(config: dict | None) -> tuple[argparse.Namespace, list[str]]:
+        parser = argparse.ArgumentParser(prog=f"--recipe {name}", exit_on_error=False)
+        _train_flags(parser, config)
+        # the benchmark's own defaults, where a --config file does not set them
+        parser.set_defaults(**{k: v for k, v in (("model", "fast"), ("device", device))
+                               if k not in (config or {})})
+        try:
+            return parser.parse_known_args([t for t in tokens if t != PLAIN])
+        except argparse.ArgumentError as e:
+            raise CifarError(f"--recipe {name}: {e}") from None
+
+    args, unknown = parse(None)
+    if args.config is not None:
+        args, unknown = parse(read_config_file(args.config))
     if unknown:
         raise CifarError(f"--recipe {name}: unknown flags {' '.join(unknown)} (the flags of "
                          f"`cifarcnn train`, plus {PLAIN})")

@@ -267,6 +267,53 @@ def test_bad_model_argument_values_stop_before_the_run_starts(trained, tmp_path,
         assert not (tmp_path / "r").exists()
 
 
+def test_a_run_folder_as_config_repeats_the_run(trained, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    tmp, _, _ = trained
+    r = here(capsys, "train", "--config", tmp / "run", "--out", tmp_path / "again")
+    assert r.returncode == 0, r.stderr
+    old = json.loads((tmp / "run" / "config.json").read_text())
+    new = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert {**old, "out": None} == {**new, "out": None}
+    a = load_file(tmp / "run" / "weights.safetensors")
+    b = load_file(tmp_path / "again" / "weights.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # the file's `out` is not used: without --out, the rerun does not touch the old run
+    r = here(capsys, "train", "--config", tmp / "run" / "config.json", "--seed", "1",
+             "--epochs", "2", "--print-config")
+    printed = json.loads(r.stdout)
+    assert printed["out"] is None and printed["seed"] == 1 and printed["epochs"] == 2
+    assert printed["batch_size"] == old["batch_size"] == 64
+
+
+def test_config_files_set_defaults_that_flags_override(tmp_path, capsys):
+    (tmp_path / "f.toml").write_text('model = "fast"\nepochs = 3\nlr = 0.05\ntta_every_epoch = '
+                                     'true\n[model_kwargs]\nwidths = [16, 32, 32]\n')
+    r = here(capsys, "train", "--config", tmp_path / "f.toml", "--lr", "0.07",
+             "--model-arg", "bn_momentum=0.5", "--print-config")
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)
+    assert (c["model"], c["epochs"], c["lr"], c["tta_every_epoch"]) == ("fast", 3, 0.07, True)
+    assert c["model_kwargs"] == {"widths": [16, 32, 32], "bn_momentum": 0.5}
+    assert c["select_fraction"] == 0.7 and c["device"] == "auto"  # the recipe; as given
+    # what --print-config writes, --config reads back unchanged
+    (tmp_path / "c.json").write_text(r.stdout)
+    r = here(capsys, "experiment", "--config", tmp_path / "c.json", "--print-config")
+    assert r.returncode == 0 and json.loads(r.stdout) == c
+    for text, needle in (('model = "fast"\nepoch = 3\n', "'epoch' is no setting (did you mean "
+                          "'epochs'?)"),
+                         ("epochs = 2.5\n", "'epochs' is 2.5, not int"),
+                         ("epochs = \n", "not valid TOML"),
+                         ("[1, 2]", "no JSON object")):
+        f = tmp_path / ("bad.json" if text.startswith("[") else "bad.toml")
+        f.write_text(text)
+        assert_one_line_error(here(capsys, "train", "--config", f), f"--config {f}", needle)
+    assert_one_line_error(here(capsys, "train", "--config", tmp_path), "without config.json")
+    assert_one_line_error(here(capsys, "train", "--config", tmp_path / "f.toml", "--resume",
+                               tmp_path), "leave out --config")
+
+
 def test_train_prints_one_line_per_epoch(trained):
     _, _, r = trained
     assert "epoch   1/1" in r.stdout and "val loss" in r.stdout and "img/s" in r.stdout

@@ -422,9 +422,9 @@ def test_newton_schulz_runs_in_bf16_only_on_bf16_hardware(monkeypatch):
 
 def test_bf16_weights_are_served_in_fp32_on_a_cpu_without_bf16(monkeypatch):
     from cifarcnn import inference
-    from cifarcnn.weights import REPO_WEIGHTS
+    from cifarcnn.weights import SHIPPED
 
-    assert json.loads((REPO_WEIGHTS / "fast.json").read_text())["precision"] == "bf16"
+    assert json.loads((SHIPPED / "fast.json").read_text())["precision"] == "bf16"
     for native_bf16, want in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(inference, "cpu_has_bf16", lambda v=native_bf16: v)
         assert cifarcnn.load("fast", device="cpu").precision == want
@@ -883,6 +883,10 @@ def test_recipe_cost_benchmark_counts_the_steps_training_takes(tmp_path):
         sys.path.pop(0)
     recipe = recipe_cost.parse_recipe("fast=", "cpu")
     assert recipe.counts == {(16, 1000, 0): 50, (24, 1000, 0): 100, (32, 1000, 1): 175}
+    # a --config file inside a recipe: its settings, the recipe's flags over them
+    (tmp_path / "c.toml").write_text("epochs = 4\nlr = 0.1\n")
+    conf = recipe_cost.parse_recipe(f"c=--config {tmp_path / 'c.toml'} --lr 0.2", "cpu")
+    assert (conf.cfg.model, conf.cfg.epochs, conf.cfg.lr) == ("fast", 4, 0.2)
     airbench = recipe_cost.parse_recipe(recipe_cost.AIRBENCH, "cpu")
     assert airbench.plain and airbench.cfg.model_kwargs["gemm_grad_positions"] == 0
     assert airbench.cfg.model_kwargs["dense_positions"] == 0

@@ -27,7 +27,7 @@ import cifarcnn
 from cifarcnn.cli import main
 from cifarcnn.datasets import MAX_PIXELS, decode_image, read_source
 from cifarcnn.errors import CifarError
-from cifarcnn.weights import FIELDS, REPO_WEIGHTS
+from cifarcnn.weights import FIELDS, SHIPPED
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -245,7 +245,7 @@ def _weights_with(path: Path, shipped: str, edits: dict[str, str]) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    src = REPO_WEIGHTS / f"{shipped}.safetensors"
+    src = SHIPPED / f"{shipped}.safetensors"
     with safe_open(str(src), "pt") as f:
         meta = {**f.metadata(), **edits}
     save_file(load_file(str(src)), str(path), metadata=meta)

@@ -113,9 +113,9 @@ def test_shipped_weights_reach_their_recorded_accuracy(real_data, model):
     image would fail on hardware, not on the weights. On a CPU without bf16 hardware the
     bf16-trained weights are served in fp32 (inference.Classifier), which moved paper-mlp's
     count by 9 on an AVX2 AMD EPYC: there the allowance is 20 (0.2 points)."""
-    from cifarcnn.weights import REPO_WEIGHTS
+    from cifarcnn.weights import SHIPPED
 
-    record = json.loads((REPO_WEIGHTS / f"{model}.json").read_text())
+    record = json.loads((SHIPPED / f"{model}.json").read_text())
     clf = cifarcnn.load(model)
     probs = clf.predict(real_data.test_images)
     correct = int((probs.argmax(1) == real_data.test_labels).sum())

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .datasets import CifarData, balanced_subset
 from .errors import CifarError
 from .inference import Classifier, calibration, calibration_sums
-from .weights import REPO_WEIGHTS, read_meta, rewrite_meta
+from .weights import SHIPPED, read_meta, rewrite_meta
 
 # val: the images the run validated on, its --holdout images if it had them, else the test
 # images (the project's validation set, as in the paper); train: biased, the net fits them
@@ -100,7 +100,7 @@ def output_path(weights: Path, out: Path | None) -> Path:
     file itself; shipped weights are never changed in place."""
     weights = weights.resolve()
     if out is None:
-        if weights.parent == REPO_WEIGHTS.resolve():
+        if weights.parent == SHIPPED.resolve():
             raise CifarError(f"{weights.name} is a shipped model's weights, which are not "
                              "changed in place; give --out FILE.safetensors")
         return weights

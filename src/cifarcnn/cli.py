@@ -23,11 +23,11 @@ from .errors import CifarError
 from .runfiles import check_output_file, check_output_folder, write_text_atomic
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_train(sub: argparse._SubParsersAction, config: dict[str, Any] | None) -> None:
     p = sub.add_parser("train", help="train a model; writes a run directory",
                        description="Train a model on CIFAR-10. Flags left out come from the "
                        "model's own recipe (see `cifarcnn models`).")
-    _train_flags(p)
+    _train_flags(p, config)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint, with its saved "
                    "config (--data may give the data's new location; other flags are ignored)")
@@ -36,12 +36,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "`torchrun --standalone --nproc_per_node N` (--batch-size is per process)")
 
 
-def _add_experiment_and_report(sub: argparse._SubParsersAction) -> None:
+def _add_experiment_and_report(sub: argparse._SubParsersAction,
+                               config: dict[str, Any] | None) -> None:
     e = sub.add_parser("experiment", help="R seeded runs of one config, then a results table",
                        description="Train seeds S..S+R-1 (--seed S, default 0) into one "
                        "folder (--out). Run it again to continue an interrupted experiment: "
                        "finished runs are skipped.")
-    _train_flags(e)
+    _train_flags(e, config)
     e.add_argument("--runs", type=int, default=3, help="number of runs (seeds S..S+R-1)")
     r = sub.add_parser("results", help="the results table of an experiment folder")
     r.add_argument("experiment", help="folder written by `cifarcnn experiment`")
@@ -54,7 +55,14 @@ def _add_experiment_and_report(sub: argparse._SubParsersAction) -> None:
                      help="modes.json from `cifarcnn bench modes`, shown as a table")
 
 
-def _train_flags(p: argparse.ArgumentParser) -> None:
+def _train_flags(p: argparse.ArgumentParser, config: dict[str, Any] | None = None) -> None:
+    """The training flags; `config`, the settings of a --config file, become their
+    defaults, so a flag on the command line wins over the file."""
+    p.add_argument("--config", metavar="FILE",
+                   help="settings from a TOML or JSON file (TrainConfig's field names; a "
+                   "run's config.json or run folder repeats that run); flags given win")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings as JSON (a --config file) and exit")
     p.add_argument("--model", help="model name (default: paper-cnn, or with --init-from the "
                    "model those weights hold)")
     p.add_argument("--init-from", metavar="WEIGHTS",
@@ -140,6 +148,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    help="under DDP, BatchNorm statistics over the global batch")
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
                    help="under DDP, seconds a rank waits for the others before the job fails")
+    if config:
+        defaults = dict(config)
+        # --model-arg items are merged over the file's model_kwargs, key by key
+        defaults["config_model_kwargs"] = defaults.pop("model_kwargs", {})
+        p.set_defaults(**defaults)
 
 
 def parse_model_args(items: list[str]) -> dict:
@@ -159,6 +172,11 @@ def parse_model_args(items: list[str]) -> dict:
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train import resume, train
 
+    if a.resume and (a.config or a.print_config):
+        raise CifarError("--resume continues a run with its own saved settings; leave out "
+                         "--config and --print-config (to repeat a run: --config RUN_DIR)")
+    if a.print_config:
+        return _print_config(a)
     if a.nproc is not None:
         return _relaunch_under_torchrun(a.nproc, a.argv)
     try:
@@ -201,24 +219,28 @@ def _train_from_flags(a: argparse.Namespace, train) -> int:
 
 
 def _config_from_flags(a: argparse.Namespace):
+    """The TrainConfig of train's or experiment's flags (with a --config file's settings
+    as their defaults: see _train_flags)."""
+    import dataclasses
+
     from .config import TrainConfig
 
-    return TrainConfig(
-        model=a.model, init_from=a.init_from,
-        model_kwargs=parse_model_args(a.model_arg), epochs=a.epochs,
-        batch_size=a.batch_size, optimizer=a.optimizer,
-        lr=a.lr, momentum=a.momentum, schedule=a.schedule, warmup_epochs=a.warmup_epochs,
-        weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, tta=a.tta,
-        translate=a.translate, pad_mode=a.pad_mode, downscale=a.downscale,
-        downscale_epochs=a.downscale_epochs, low_res=a.low_res,
-        low_res_epochs=a.low_res_epochs, flip=a.flip, noise=a.noise, seed=a.seed,
-        select_fraction=a.select_fraction, select_from_epoch=a.select_from_epoch,
-        lookahead=a.lookahead, lookahead_decay=a.lookahead_decay,
-        device=a.device, precision=a.precision, channels_last=a.channels_last,
-        augment=a.augment, data=a.data, download=a.download, out=a.out,
-        limit_train=a.limit_train, holdout=a.holdout, skip_bad_images=a.skip_bad_images,
-        checkpoint_every=a.checkpoint_every, deterministic=a.deterministic, sync_bn=a.sync_bn,
-        dist_timeout=a.dist_timeout, mode=a.mode, tensorboard=a.tensorboard)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(a).items() if k in names}
+    values["model_kwargs"] = {**getattr(a, "config_model_kwargs", {}),
+                              **parse_model_args(a.model_arg)}
+    return TrainConfig(**values)
+
+
+def _print_config(a: argparse.Namespace) -> int:
+    """--print-config: the settings a run would train with, every recipe value filled in,
+    as a JSON object that --config reads back. Device and precision stay as given: with
+    `auto`, a file written here trains in bf16 on a machine that has it."""
+    cfg = _config_from_flags(a)
+    settings = cfg.resolved().to_dict()
+    settings["device"], settings["precision"] = cfg.device, cfg.precision
+    print(json.dumps(settings, indent=2))
+    return 0
 
 
 def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
@@ -248,6 +270,8 @@ def _bench_time_to_accuracy(a: argparse.Namespace) -> int:
 def _cmd_experiment(a: argparse.Namespace) -> int:
     from .experiment import results_table, run_experiment
 
+    if a.print_config:
+        return _print_config(a)
     if not a.out:
         raise CifarError("--out DIR is required: the experiment's folder (run the same "
                          "command again to continue it)")
@@ -473,7 +497,9 @@ def _cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; `config`: a --config file's settings, the training flags'
+    defaults."""
     parser = argparse.ArgumentParser(prog="cifarcnn", description="Train, evaluate and serve "
                                      "CNN classifiers on CIFAR-10.")
     from importlib.metadata import PackageNotFoundError, version
@@ -488,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cifarcnn {__version__} "
                         f"(torch {torch_version}, Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_experiment_and_report(sub)
+    _add_train(sub, config)
+    _add_experiment_and_report(sub, config)
     for name, helptext in (("evaluate", "test accuracy of saved weights"),
                            ("predict", "classify image files"),
                            ("serve", "classify images sent over HTTP (POST /predict)")):
@@ -660,6 +686,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             plain(message, category, filename, lineno, file, line)
 
     try:
+        if getattr(args, "config", None) is not None:
+            from .config import read_config_file
+
+            # parsed again with the file's settings as the defaults: given flags win
+            args = build_parser(read_config_file(args.config)).parse_args(argv)
+            args.argv = argv
         with warnings.catch_warnings():
             warnings.showwarning = one_line
             code = COMMANDS[args.command](args)

@@ -244,19 +244,81 @@ class TrainConfig:
         if not isinstance(saved, dict):
             raise CifarError(f"{where}: the saved config is not a JSON object; the run "
                              "folder is damaged")
-        kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None),
-                 "dict[str, Any]": dict}
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in saved:
-                continue
-            v = saved[f.name]
-            allowed = tuple(kinds[t] for t in str(f.type).split(" | "))
-            if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
-                raise CifarError(f"{where}: the saved config's {f.name!r} is {v!r}, not "
-                                 f"{f.type}; the run folder is damaged or was edited")
-            values[f.name] = v
-        return cls(**values)
+        return cls(**checked_fields(saved, where, "the run folder is damaged or was edited"))
+
+
+def checked_fields(saved: dict[str, Any], where: str, hint: str) -> dict[str, Any]:
+    """The TrainConfig fields in `saved`, each value's type checked against the field's
+    annotation; keys that are no field are left out."""
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None),
+             "dict[str, Any]": dict}
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in saved:
+            continue
+        v = saved[f.name]
+        allowed = tuple(kinds[t] for t in str(f.type).split(" | "))
+        if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+            raise CifarError(f"{where}: the config's {f.name!r} is {v!r}, not {f.type}; "
+                             f"{hint}")
+        values[f.name] = v
+    return values
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings of a `--config` file: TOML or JSON, keyed by TrainConfig's field
+    names (the flags' names with _ for -, and model_kwargs for --model-arg).
+
+    A run's config.json, or the run folder itself, is such a file, so any run can be
+    repeated or varied (`--config runs/f --seed 1`). Every key must be a field: a
+    misspelt one would otherwise be dropped, and the run would silently use the recipe.
+    Its `out` is not used (a rerun must not land in the run it came from).
+    """
+    import difflib
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.json"
+        if not file.is_file():
+            raise CifarError(f"--config {path}: a folder without config.json; give a TOML "
+                             "or JSON file, or a run folder")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CifarError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CifarError(f"--config {path}: cannot read it ({e})") from None
+    if file.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise CifarError(f"--config {path}: TOML needs Python 3.11 or later; write the "
+                             "settings as JSON") from None
+        try:
+            saved = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise CifarError(f"--config {path}: not valid TOML ({e})") from None
+    else:
+        try:
+            saved = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CifarError(f"--config {path}: not valid JSON ({e}); name a TOML file "
+                             "*.toml") from None
+        if not isinstance(saved, dict):
+            raise CifarError(f"--config {path}: holds no JSON object of settings")
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in saved:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            raise CifarError(f"--config {path}: {key!r} is no setting"
+                             + (f" (did you mean {near[0]!r}?)" if near else "")
+                             + "; the settings are TrainConfig's fields, listed in "
+                             "`cifarcnn train --print-config`")
+    values = checked_fields(saved, f"--config {path}", "fix the file")
+    values.pop("out", None)
+    return values
 
 
 def recipe_changes(cfg: TrainConfig) -> dict[str, Any]:

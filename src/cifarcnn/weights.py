@@ -21,7 +21,12 @@ from .errors import CifarError
 from .models import build_model
 
 FORMAT = "cifarcnn-weights/1"
-REPO_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
+# The shipped weights: the repository's weights/ folder in a source checkout (and an
+# editable install); in an installed wheel, the same files as the package cifarcnn.shipped
+# (pyproject.toml maps the folder there), so `load("fast")` works after `pip install`.
+SHIPPED = (Path(__file__).resolve().parent / "shipped"
+           if (Path(__file__).resolve().parent / "shipped").is_dir()
+           else Path(__file__).resolve().parents[2] / "weights")
 
 
 def save_weights(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
@@ -58,7 +63,7 @@ def resolve_weights_path(spec: str | os.PathLike) -> Path:
     p = Path(spec).expanduser()
     if p.is_file():
         return p
-    shipped = REPO_WEIGHTS / f"{spec}.safetensors"
+    shipped = SHIPPED / f"{spec}.safetensors"
     if shipped.is_file():
         return shipped
     if p.is_dir() and (p / "weights.safetensors").is_file():
@@ -75,7 +80,7 @@ def resolve_weights_path(spec: str | os.PathLike) -> Path:
 
 
 def shipped_models() -> list[str]:
-    return sorted(p.stem for p in REPO_WEIGHTS.glob("*.safetensors"))
+    return sorted(p.stem for p in SHIPPED.glob("*.safetensors"))
 
 
 def read_meta(path: Path) -> dict[str, Any]:
