@@ -78,6 +78,62 @@ def test_download_verifies_md5(tmp_path):
     assert not (tmp_path / "dl2" / "cifar.tar.gz.part").exists()
 
 
+def test_download_over_http_names_a_cut_transfer_and_leaves_no_part(tmp_path, monkeypatch,
+                                                                     capsys):
+    import http.server
+    import threading
+
+    train, test = make_split()
+    body = python_archive(tmp_path / "src.tar.gz", train, test).read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            # /cut: the connection drops halfway through the announced length
+            self.wfile.write(body if self.path == "/full" else body[:len(body) // 2])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    md5 = archives.md5sum(tmp_path / "src.tar.gz")
+    try:
+        dest = tmp_path / "dl" / "c.tar.gz"
+        with pytest.raises(CifarError, match=f"ended after {len(body) // 2:,} of its "
+                           f"{len(body):,} bytes"):
+            archives.download(f"{url}/cut", dest, md5)
+        assert not dest.exists() and not dest.with_name("c.tar.gz.part").exists()
+        capsys.readouterr()
+        assert archives.download(f"{url}/full", dest, md5, progress=True).read_bytes() == body
+        assert "downloading c.tar.gz" in capsys.readouterr().err  # the bar, on stderr
+
+        class Stop:  # Ctrl-C during the transfer
+            def __init__(self, **kwargs):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def update(self, n):
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(archives, "tqdm", Stop)
+        other = tmp_path / "dl" / "d.tar.gz"
+        with pytest.raises(KeyboardInterrupt):
+            archives.download(f"{url}/full", other, md5)
+        assert not other.exists() and not other.with_name("d.tar.gz.part").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_fetch_official_uses_url_and_md5(tmp_path, monkeypatch):
     train, test = make_split()
     arc = python_archive(tmp_path / "cifar-10-python.tar.gz", train, test)

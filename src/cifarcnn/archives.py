@@ -10,15 +10,19 @@ never writes outside the cache.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import struct
+import sys
 import tarfile
 import urllib.request
 import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
 
 from .errors import CifarError
 
@@ -125,27 +129,48 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
+def download(url: str, dest: Path, md5: str, timeout: float = 60.0,
+             progress: bool | None = None) -> Path:
     """Fetch `url` to `dest` and check its MD5; an existing file with the right MD5 is kept.
 
     The body goes to `dest.part` first and is renamed only after the checksum
-    matches, so a broken or tampered download never looks like a good file.
+    matches, so a broken or tampered download never looks like a good file; the
+    part is removed on any failure, Ctrl-C included. A transfer that ends before
+    its announced length is named as such. `progress`: a bar on standard error
+    (None: only where that is a terminal).
     """
     if dest.is_file() and md5sum(dest) == md5:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    got, total = 0, None
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
-            shutil.copyfileobj(r, f, 1 << 20)
-    except OSError as e:
+            length = r.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=f"downloading {dest.name}", leave=False, file=sys.stderr,
+                      disable=None if progress is None else not progress) as bar:
+                while block := r.read(1 << 20):
+                    f.write(block)
+                    got += len(block)
+                    bar.update(len(block))
+    except (OSError, http.client.HTTPException) as e:
         part.unlink(missing_ok=True)
         raise CifarError(f"cannot download {url} ({e}); check the network, or download it by "
                          f"hand and pass its path with --data") from None
-    got = md5sum(part)
-    if got != md5:
+    except BaseException:
         part.unlink(missing_ok=True)
-        raise CifarError(f"{url}: MD5 {got} does not match the published {md5}; the download "
+        raise
+    if total is not None and got != total:
+        # http.client ends a body cut short without an error where the length was given
+        part.unlink(missing_ok=True)
+        raise CifarError(f"{url}: the transfer ended after {got:,} of its {total:,} bytes "
+                         "(the connection dropped); try again")
+    digest = md5sum(part)
+    if digest != md5:
+        part.unlink(missing_ok=True)
+        raise CifarError(f"{url}: MD5 {digest} does not match the published {md5}; the download "
                          "is corrupt or was tampered with: try again")
     os.replace(part, dest)
     return dest
