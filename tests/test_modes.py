@@ -148,6 +148,69 @@ def test_an_export_that_fails_its_check_is_not_written(trained_run, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary left
 
 
+def test_an_int8_onnx_export_keeps_the_pixel_layers_in_fp32_and_its_metadata(trained_run,
+                                                                            tmp_path):
+    import onnx
+
+    import cifarcnn
+    from cifarcnn.export import export, pixel_layers
+
+    data = tiny_data(200, 64)
+    clf = cifarcnn.load(trained_run, device="cpu")
+    export(clf, "onnx", tmp_path / "m32.onnx")
+    r = export(clf, "onnx", tmp_path / "m8.onnx", int8_calibration=data.train_images[:100])
+    # int8 weights, one copy for both views
+    assert r["bytes"] < 0.35 * (tmp_path / "m32.onnx").stat().st_size
+    graph = onnx.load(str(tmp_path / "m8.onnx")).graph
+    made = {o: n for n in graph.node for o in n.output}
+    first = pixel_layers(onnx.load(str(tmp_path / "m32.onnx")).graph)
+    assert len(first) == 2  # the first conv of each of the two flip views
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            fed = made.get(node.input[1])  # the weight: int8 behind a DequantizeLinear?
+            quantized = fed is not None and fed.op_type == "DequantizeLinear"
+            assert quantized == (node.name not in first), node.name
+    loaded = cifarcnn.load(tmp_path / "m8.onnx")
+    assert loaded.meta["int8"] == {"calibration_images": 100, "fp32_layers": first}
+    assert loaded.meta["tta"] == "flip" and loaded.classes == clf.classes
+    p8 = loaded.predict(data.test_images)
+    p32 = cifarcnn.load(tmp_path / "m32.onnx").predict(data.test_images)
+    assert p8.shape == p32.shape and np.abs(p8 - p32).max() < 0.05
+    for fmt, calib, needle in (("torchscript", data.train_images[:10], "--int8: an ONNX"),
+                               ("onnx", data.train_images[:0], "--calibration-images 0")):
+        with pytest.raises(CifarError, match=needle):
+            export(clf, fmt, tmp_path / f"x.{'pt' if fmt == 'torchscript' else 'onnx'}",
+                   int8_calibration=calib)
+
+
+@pytest.mark.slow
+def test_int8_is_checked_by_accuracy_and_refused_where_it_loses_it(real_data, tmp_path,
+                                                                   monkeypatch, capsys):
+    import cifarcnn
+    from cifarcnn import export as export_mod
+    from cifarcnn.cli import main
+
+    clf = cifarcnn.load("paper-cnn", device="cpu")
+    calib = real_data.train_images[:500]
+    images, labels = real_data.test_images[:1000], real_data.test_labels[:1000]
+    r = export_mod.export(clf, "onnx", tmp_path / "ok.onnx", check_images=images,
+                          check_labels=labels, int8_calibration=calib)
+    assert r["accuracy"] >= r["accuracy_fp32"] - export_mod.INT8_MAX_DROP
+    assert r["accuracy_fp32"] > 0.75 and r["same_top1"] > 0.95
+    # quantizing the pixel layers too loses ~13 points here: refused, nothing written
+    monkeypatch.setattr(export_mod, "pixel_layers", lambda graph: [])
+    with pytest.raises(CifarError, match=r"more than 1% below the fp32 graph's .*not written"):
+        export_mod.export(clf, "onnx", tmp_path / "bad.onnx", check_images=images,
+                          check_labels=labels, int8_calibration=calib)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.onnx"]
+    monkeypatch.undo()
+    assert main(["info", str(tmp_path / "ok.onnx")]) == 0
+    assert "calibrated on 500 training images" in capsys.readouterr().out
+    assert main(["export", "--weights", "paper-cnn", "--format", "torchscript", "--int8",
+                 "--no-check"]) == 2
+    assert "--int8: an ONNX graph only" in capsys.readouterr().err
+
+
 def test_predict_and_evaluate_accept_an_export(trained_run, tmp_path, capsys):
     from conftest import fake_images
     from formats import image_folder, png_bytes

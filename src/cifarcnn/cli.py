@@ -385,17 +385,35 @@ def _cmd_export(a: argparse.Namespace) -> int:
     clf = load(a.weights, device="cpu", tta=a.tta)
     if not hasattr(clf, "model"):
         raise CifarError(f"--weights {a.weights}: already an export; give safetensors weights")
-    images = None
-    if not a.no_check:
+    if a.int8 and a.format != "onnx":
+        raise CifarError(f"--int8: an ONNX graph only (ONNX Runtime runs it); give --format "
+                         f"onnx, not {a.format}")
+    if a.int8 and a.calibration_images < 1:
+        raise CifarError(f"--calibration-images {a.calibration_images}: calibrate on at "
+                         "least 1 image")
+    images = labels = calibration = None
+    if not a.no_check or a.int8:
         data = load_cifar10(a.data, verbose=True)
-        images = data.test_images[:a.check_images]
-    r = export(clf, a.format, a.out, check_images=images)
+        if not a.no_check:
+            images = data.test_images[:a.check_images]
+            labels = model_labels(data, clf.classes, a.data)[:a.check_images]
+        if a.int8:
+            from .datasets import balanced_subset
+
+            n = min(a.calibration_images, len(data.train_labels))
+            calibration = data.train_images[balanced_subset(data.train_labels, n)]
+    r = export(clf, a.format, a.out, check_images=images, check_labels=labels,
+               int8_calibration=calibration)
     if a.json:
         print(json.dumps(r))
         return 0
-    print(f"wrote {r['file']} ({a.format}, {r['bytes']:,} bytes): uint8 (N, 32, 32, 3) -> "
-          f"probabilities, TTA {clf.tta}")
-    if images is not None:
+    print(f"wrote {r['file']} ({a.format}{', int8' if a.int8 else ''}, {r['bytes']:,} bytes): "
+          f"uint8 (N, 32, 32, 3) -> probabilities, TTA {clf.tta}")
+    if images is not None and a.int8:
+        print(f"checked on {r['checked_images']:,} real test images after reloading: accuracy "
+              f"{r['accuracy']:.2%} (fp32 graph {r['accuracy_fp32']:.2%}; at most "
+              f"{r['max_drop']:.0%} lower is accepted), same top-1 class {r['same_top1']:.2%}")
+    elif images is not None:
         print(f"checked on {r['checked_images']:,} real test images after reloading: max "
               f"|p - p_eager| = {r['max_abs_diff']:.2e} (tolerance {r['tolerance']:g}), "
               f"same top-1 class {r['same_top1']:.2%}")
@@ -570,6 +588,12 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     ex.add_argument("--check-images", type=int, default=2000, metavar="N",
                     help="test images compared with eager after reloading (default 2000)")
     ex.add_argument("--no-check", action="store_true", help="skip the equality check")
+    ex.add_argument("--int8", action="store_true",
+                    help="ONNX only: quantize to int8 (faster on CPUs), calibrated on training "
+                    "images; checked by its accuracy instead (needs --data)")
+    ex.add_argument("--calibration-images", type=int, default=1000, metavar="N",
+                    help="with --int8: class-balanced training images to calibrate on "
+                    "(default 1000)")
     ex.add_argument("--json", action="store_true")
     cal = sub.add_parser("calibrate", help="fit a temperature that makes the probabilities "
                          "match the accuracy (temperature scaling), stored in the weights")

@@ -82,7 +82,8 @@ def describe(spec: str) -> dict[str, Any]:
     out.update({k: meta[k] for k in ("model", "model_kwargs", "classes", "tta", "precision",
                                      "epochs", "seed", "val_accuracy", "val_accuracy_no_tta",
                                      "test_accuracy", "init_from", "recipe_changes",
-                                     "temperature", "temperature_fit", "input", "output")
+                                     "temperature", "temperature_fit", "input", "output",
+                                     "int8")
                 if k in meta})
     summary = summary_beside(path) if out["format"] == "safetensors" else None
     if summary is not None:
@@ -158,5 +159,12 @@ def format_info(d: dict[str, Any]) -> str:
             rows.append(("then", str(t["calibrate_command"])))
     if "input" in d:
         rows.append(("input", f"{d['input']} -> {d.get('output', '')}"))
+    q = d.get("int8")
+    if isinstance(q, dict):
+        n, kept = q.get("calibration_images"), q.get("fp32_layers")
+        rows.append(("int8", "weights and activations"
+                     + (f", calibrated on {n:,} training images" if type(n) is int else "")
+                     + (f"; the first layer kept in fp32 ({len(kept)} copies: one per TTA view)"
+                        if isinstance(kept, list) else "")))
     width = max(len(k) for k, _ in rows)
     return "\n".join([d["path"]] + [f"  {k:<{width}}  {v}" for k, v in rows])
