@@ -244,12 +244,14 @@ class TrainConfig:
         if not isinstance(saved, dict):
             raise CifarError(f"{where}: the saved config is not a JSON object; the run "
                              "folder is damaged")
-        return cls(**checked_fields(saved, where, "the run folder is damaged or was edited"))
+        return cls(**checked_fields(saved, f"{where}: the saved config's",
+                                    "the run folder is damaged or was edited"))
 
 
-def checked_fields(saved: dict[str, Any], where: str, hint: str) -> dict[str, Any]:
+def checked_fields(saved: dict[str, Any], whose: str, hint: str) -> dict[str, Any]:
     """The TrainConfig fields in `saved`, each value's type checked against the field's
-    annotation; keys that are no field are left out."""
+    annotation; keys that are no field are left out. `whose` and `hint` frame the error
+    ("run/config.json: the saved config's", "the run folder is damaged")."""
     kinds = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None),
              "dict[str, Any]": dict}
     values = {}
@@ -259,8 +261,7 @@ def checked_fields(saved: dict[str, Any], where: str, hint: str) -> dict[str, An
         v = saved[f.name]
         allowed = tuple(kinds[t] for t in str(f.type).split(" | "))
         if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
-            raise CifarError(f"{where}: the config's {f.name!r} is {v!r}, not {f.type}; "
-                             f"{hint}")
+            raise CifarError(f"{whose} {f.name!r} is {v!r}, not {f.type}; {hint}")
         values[f.name] = v
     return values
 
@@ -316,7 +317,7 @@ def read_config_file(path: str) -> dict[str, Any]:
                              + (f" (did you mean {near[0]!r}?)" if near else "")
                              + "; the settings are TrainConfig's fields, listed in "
                              "`cifarcnn train --print-config`")
-    values = checked_fields(saved, f"--config {path}", "fix the file")
+    values = checked_fields(saved, f"--config {path}: its", "fix the file")
     values.pop("out", None)
     return values
 
