@@ -112,6 +112,50 @@ def binary_archive(path: Path, train, test) -> Path:
     return _tar(path, files)
 
 
+FINE = [f"fine_{i:02d}" for i in range(100)]  # CIFAR-100's 100 classes, 20 superclasses
+COARSE = [f"coarse_{i:02d}" for i in range(20)]
+
+
+def make_split_100(n_train: int = 60, n_test: int = 20, seed: int = 0):
+    """CIFAR-100-like splits: images, fine labels (0..99) and their coarse ones."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        fine = rng.integers(0, 100, n).astype(np.int64)
+        return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), fine, fine // 5
+
+    return split(n_train), split(n_test)
+
+
+def python100_archive(path: Path, train, test) -> Path:
+    """CIFAR-100's python archive: one pickle per split with fine and coarse labels."""
+    def batch(x, fine, coarse, label):
+        return pickle.dumps({b"filenames": [f"{i}.png".encode() for i in range(len(x))],
+                             b"batch_label": label.encode(),
+                             b"fine_labels": [int(v) for v in fine],
+                             b"coarse_labels": [int(v) for v in coarse],
+                             b"data": x.transpose(0, 3, 1, 2).reshape(len(x), 3072).copy()},
+                            protocol=2)
+
+    meta = {b"fine_label_names": [c.encode() for c in FINE],
+            b"coarse_label_names": [c.encode() for c in COARSE]}
+    return _tar(path, {"cifar-100-python/train": batch(*train, "training batch 1 of 1"),
+                       "cifar-100-python/test": batch(*test, "testing batch 1 of 1"),
+                       "cifar-100-python/meta": pickle.dumps(meta, protocol=2)})
+
+
+def binary100_archive(path: Path, train, test) -> Path:
+    """CIFAR-100's binary archive: records of coarse label, fine label, 3,072 pixels."""
+    def records(x, fine, coarse):
+        return np.concatenate([coarse.astype(np.uint8)[:, None], fine.astype(np.uint8)[:, None],
+                               x.transpose(0, 3, 1, 2).reshape(len(x), 3072)], axis=1).tobytes()
+
+    return _tar(path, {"cifar-100-binary/train.bin": records(*train),
+                       "cifar-100-binary/test.bin": records(*test),
+                       "cifar-100-binary/fine_label_names.txt": "\n".join(FINE).encode(),
+                       "cifar-100-binary/coarse_label_names.txt": "\n".join(COARSE).encode()})
+
+
 def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")

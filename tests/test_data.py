@@ -147,11 +147,68 @@ def test_fetch_official_uses_url_and_md5(tmp_path, monkeypatch):
     _assert_same(load_source(src), train, test)
 
 
+@pytest.mark.parametrize("fmt", ["python", "binary"])
+def test_cifar100_archives_read_with_their_fine_classes(tmp_path, fmt):
+    from formats import FINE, binary100_archive, make_split_100, python100_archive
+
+    train, test = make_split_100()
+    build = python100_archive if fmt == "python" else binary100_archive
+    data = load_source(build(tmp_path / f"cifar-100-{fmt}.tar.gz", train, test))
+    assert data.classes == FINE
+    np.testing.assert_array_equal(data.train_images, train[0])
+    np.testing.assert_array_equal(data.train_labels, train[1])
+    np.testing.assert_array_equal(data.test_images, test[0])
+    np.testing.assert_array_equal(data.test_labels, test[1])
+    # the extracted folder, found inside the folder given as --data
+    archives.safe_extract(tmp_path / f"cifar-100-{fmt}.tar.gz", tmp_path / "x")
+    assert resolve_source(tmp_path / "x") == tmp_path / "x" / f"cifar-100-{fmt}"
+
+
+def test_cifar100_is_fetched_where_data_names_it_and_trains_100_classes(tmp_path,
+                                                                         monkeypatch):
+    from formats import FINE, make_split_100, python100_archive
+
+    from cifarcnn.config import TrainConfig
+    from cifarcnn.train import train
+
+    (tmp_path / "server").mkdir()
+    arc = python100_archive(tmp_path / "server" / "cifar-100-python.tar.gz",
+                            *make_split_100(200, 40))
+    monkeypatch.setitem(datasets.OFFICIAL, "python-100",
+                        (arc.as_uri(), archives.md5sum(arc), "cifar-100-python"))
+    src = resolve_source(tmp_path / "data" / "cifar-100-python", download=True)
+    assert src == tmp_path / "data" / "cifar-100-python" and (src / "meta").is_file()
+    assert (tmp_path / "data" / "cifar-100-python.tar.gz").is_file()  # kept, MD5-checked
+    # the CIFAR-10 default is unchanged: another name fetches CIFAR-10 into that folder
+    assert datasets.OFFICIAL["python"][2] == "cifar-10-batches-py"
+    s = train(TrainConfig(model="fast", model_kwargs={"widths": [8, 16, 16]}, epochs=1,
+                          batch_size=50, precision="fp32", data=str(src),
+                          out=str(tmp_path / "run")), quiet=True)
+    assert s["val_accuracy"] >= 0
+    import cifarcnn
+
+    clf = cifarcnn.load(tmp_path / "run")
+    assert clf.classes == FINE
+    assert clf.predict(np.zeros((3, 32, 32, 3), np.uint8)).shape == (3, 100)
+    pytest.importorskip("matplotlib")
+    from cifarcnn.report import build_report
+
+    # the charts of a 100-class run: the confusion matrix without its 10,000 numbers
+    build_report([tmp_path / "run"], tmp_path / "report", data=load_source(src))
+    assert (tmp_path / "report" / "confusion-run.png").is_file()
+
+
 def test_published_checksums_are_the_official_ones():
     assert datasets.OFFICIAL["python"][:2] == (
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         "c58f30108f718f92721af3b95e74349a")
     assert datasets.OFFICIAL["binary"][1] == "c32a1d4ab5d03f1284b67883e8d87530"
+    assert datasets.OFFICIAL["python-100"][:2] == (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85")
+    assert datasets.OFFICIAL["binary-100"][:2] == (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+        "03b5dce01913d631647c71ecec9e9cb8")
 
 
 def test_truncated_archive_is_refused(tmp_path):

@@ -140,7 +140,7 @@ def test_pickle_memo_index_is_refused_before_allocating(tmp_path):
         return data[:3] + b"r" + struct.pack("<I", 2**31 - 1) + data[3:]
 
     arc, _ = _python_archive_with(tmp_path / "a.tar.gz", huge_memo)
-    with pytest.raises(CifarError, match=r"data_batch_1: not a CIFAR-10 python batch "
+    with pytest.raises(CifarError, match=r"data_batch_1: not a CIFAR python batch "
                                          r"\(memo index 2147483647"):
         read_source(arc)
 

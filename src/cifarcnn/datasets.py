@@ -2,9 +2,11 @@
 
 Forms read: the official python pickles (`cifar-10-python.tar.gz` or
 `cifar-10-batches-py/`), the official binary records (`cifar-10-binary.tar.gz`
-or `cifar-10-batches-bin/`), and image folders `<root>/{train,test}/<class>/*`
-(png/jpg/jpeg) as a folder or a .tar.gz/.tar/.zip of one. Class order is the
-sorted folder names, files are taken in sorted order within a class.
+or `cifar-10-batches-bin/`), CIFAR-100's two official forms likewise
+(`cifar-100-python`, `cifar-100-binary`: its 100 fine classes), and image
+folders `<root>/{train,test}/<class>/*` (png/jpg/jpeg) as a folder or a
+.tar.gz/.tar/.zip of one. Class order is the sorted folder names, files are
+taken in sorted order within a class.
 
 Decoding 60,000 JPEGs takes seconds; the result is cached as a safetensors
 file keyed by the source's path and fingerprint (size and mtime), so the next
@@ -41,9 +43,16 @@ OFFICIAL = {
                "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py"),
     "binary": ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
                "c32a1d4ab5d03f1284b67883e8d87530", "cifar-10-batches-bin"),
+    # CIFAR-100: fetched where --data names one of its archives or folders
+    "python-100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                   "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python"),
+    "binary-100": ("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+                   "03b5dce01913d631647c71ecec9e9cb8", "cifar-100-binary"),
 }
 PY_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 BIN_TRAIN = [f"data_batch_{i}.bin" for i in range(1, 6)]
+PY_100 = ("train", "test", "meta")  # CIFAR-100's files: one batch per split
+BIN_100 = ("train.bin", "test.bin", "fine_label_names.txt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PIXELS = 8192 * 8192  # larger images are refused as likely decompression bombs
 CACHE_VERSION = "1"
@@ -115,31 +124,37 @@ def _read_py_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(d[b"data"], dtype=np.uint8)
         y = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
     except PICKLE_ERRORS as e:
-        raise CifarError(f"{name}: not a CIFAR-10 python batch ({e})") from None
+        raise CifarError(f"{name}: not a CIFAR python batch ({e})") from None
     if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
         raise CifarError(f"{name}: expected N x 3072 pixels and N labels, got {x.shape} and "
                          f"{len(y)}")
     return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y
 
 
-def _read_py_meta(name: str, data: bytes) -> list[str]:
+def _read_py_meta(name: str, data: bytes, key: bytes = b"label_names") -> list[str]:
+    """Class names from CIFAR-10's batches.meta, or (key fine_label_names) CIFAR-100's
+    meta."""
     try:
         meta = pickles.loads(data)
-        names = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
+        names = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[key]]
     except PICKLE_ERRORS as e:
-        raise CifarError(f"{name}: not a CIFAR-10 batches.meta ({e})") from None
+        raise CifarError(f"{name}: not a CIFAR {name.rsplit('/', 1)[-1]} file ({e})") from None
     if not names or len(set(names)) != len(names):
         raise CifarError(f"{name}: class names missing or repeated")
     return names
 
 
-def _read_bin_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
-    if len(data) == 0 or len(data) % 3073:
-        raise CifarError(f"{name}: {len(data)} bytes is not a whole number of 3,073-byte "
-                         "CIFAR-10 records (truncated?)")
-    rec = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3073)
-    x = rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
-    return x, rec[:, 0].astype(np.int64)
+def _read_bin_batch(data: bytes, name: str, label_bytes: int = 1) -> tuple[np.ndarray,
+                                                                         np.ndarray]:
+    """Binary records: label byte(s), then 3,072 pixels. CIFAR-100's records hold two
+    labels, coarse then fine; the last is the one used."""
+    size = label_bytes + 3072
+    if len(data) == 0 or len(data) % size:
+        raise CifarError(f"{name}: {len(data)} bytes is not a whole number of {size:,}-byte "
+                         f"CIFAR-{10 if label_bytes == 1 else 100} records (truncated?)")
+    rec = np.frombuffer(data, dtype=np.uint8).reshape(-1, size)
+    x = rec[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    return x, rec[:, label_bytes - 1].astype(np.int64)
 
 
 def _check_labels(y: np.ndarray, n_classes: int, where: str) -> None:
@@ -178,6 +193,8 @@ class _Collector:
         self.skip_bad = skip_bad_images
         self.py: dict[str, tuple[str, bytes]] = {}  # base name -> (full name, bytes)
         self.bin: dict[str, tuple[str, bytes]] = {}
+        self.py100: dict[str, tuple[str, bytes]] = {}
+        self.bin100: dict[str, tuple[str, bytes]] = {}
         self.keys: list[tuple[str, str, str]] = []  # (split, class, file name) per image
         self.pending: list[tuple[str, bytes]] = []
         self.decoded: list = []  # arrays lists, or futures of them, chunk by chunk
@@ -194,6 +211,10 @@ class _Collector:
             self.py[base] = (self.prefix + name, read())
         elif base in (*BIN_TRAIN, "test_batch.bin", "batches.meta.txt"):
             self.bin[base] = (self.prefix + name, read())
+        elif base in PY_100:
+            self.py100[base] = (self.prefix + name, read())
+        elif base in BIN_100:
+            self.bin100[base] = (self.prefix + name, read())
         elif (base.lower().endswith(IMAGE_SUFFIXES) and len(parts) >= 3
               and parts[-3] in ("train", "test")):
             self.keys.append((parts[-3], parts[-2], base))
@@ -243,12 +264,30 @@ class _Collector:
                 except UnicodeDecodeError:
                     raise CifarError(f"{name}: class names are not UTF-8 text") from None
             return self._finish(tr, te, classes, src)
+        # CIFAR-100 (its meta is required: it holds the class names, and without it two
+        # stray files named train and test would pass for the data set)
+        if all(k in self.py100 for k in PY_100):
+            tr = [_read_py_batch(self.py100["train"][1], self.py100["train"][0])]
+            te = _read_py_batch(self.py100["test"][1], self.py100["test"][0])
+            classes = _read_py_meta(*self.py100["meta"], key=b"fine_label_names")
+            return self._finish(tr, te, classes, src)
+        if all(k in self.bin100 for k in BIN_100):
+            tr = [_read_bin_batch(self.bin100["train.bin"][1], self.bin100["train.bin"][0], 2)]
+            te = _read_bin_batch(self.bin100["test.bin"][1], self.bin100["test.bin"][0], 2)
+            name, raw = self.bin100["fine_label_names.txt"]
+            try:
+                classes = [c for c in raw.decode().split() if c]
+            except UnicodeDecodeError:
+                raise CifarError(f"{name}: class names are not UTF-8 text") from None
+            return self._finish(tr, te, classes, src)
         if self.keys:
             return self._images(src)
         raise CifarError(
             f"{src}: found no CIFAR-10 data in it: expected the official python batches "
             "(data_batch_1..5, test_batch), binary batches (data_batch_1..5.bin, "
-            "test_batch.bin), or image folders train/<class>/*.png|jpg and test/<class>/...")
+            "test_batch.bin), CIFAR-100's (train, test, meta; or train.bin, test.bin, "
+            "fine_label_names.txt), or image folders train/<class>/*.png|jpg and "
+            "test/<class>/...")
 
     def _finish(self, tr, te, classes: list[str], src: str) -> CifarData:
         x = np.concatenate([b[0] for b in tr])
@@ -392,8 +431,7 @@ def load_source(source: Path, use_cache: bool = True, skip_bad_images: bool = Fa
 
 def _official_in(folder: Path) -> Path | None:
     """The official data set (extracted or archived) inside `folder`, if there."""
-    for fmt in ("python", "binary"):
-        url, _, dirname = OFFICIAL[fmt]
+    for url, _, dirname in OFFICIAL.values():  # CIFAR-10 first
         for cand in (folder / dirname, folder / url.rsplit("/", 1)[1]):
             if cand.exists():
                 return cand
@@ -427,6 +465,11 @@ def resolve_source(data: str | os.PathLike | None, download: bool = False) -> Pa
         if p.exists():
             return _inside(p)
         if download:
+            # a path named after an official archive or folder fetches that data set
+            # beside it (--data data/cifar-100-python); any other, CIFAR-10 into it
+            for fmt, (url, _, dirname) in OFFICIAL.items():
+                if p.name in (dirname, url.rsplit("/", 1)[1]):
+                    return fetch_official(p.parent, fmt)
             return fetch_official(p)
         raise CifarError(f"--data {p}: no such file or folder; pass the path of CIFAR-10 "
                          "(archive or folder), or add --download to fetch it there")

@@ -144,6 +144,9 @@ def _best_run(src: Source) -> Path:
     return src.path if src.kind == "run" else src.path / best[0]
 
 
+BARS = 25  # per-class accuracy bars at most (CIFAR-100 has 100 classes)
+
+
 def chart_confusion(src: Source, data: CifarData, probs: np.ndarray, out: Path) -> Path:
     plt = _plt()
     pred = probs.argmax(1)
@@ -154,24 +157,26 @@ def chart_confusion(src: Source, data: CifarData, probs: np.ndarray, out: Path) 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1.25, 1]})
     frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     im = ax.imshow(frac * 100, cmap="Blues", vmin=0, vmax=100)
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, f"{frac[i, j] * 100:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if frac[i, j] > 0.5 else "black")
-    ax.set_xticks(range(k), data.classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), data.classes)
+    if k <= 20:  # numbers in the cells, names on the axes, where they fit (not CIFAR-100's)
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{frac[i, j] * 100:.0f}", ha="center", va="center",
+                        fontsize=7, color="white" if frac[i, j] > 0.5 else "black")
+        ax.set_xticks(range(k), data.classes, rotation=45, ha="right")
+        ax.set_yticks(range(k), data.classes)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title("Confusion matrix (% of each true class)")
     fig.colorbar(im, ax=ax, fraction=0.046, label="% of the true class")
-    order = np.argsort(per_class)
+    order = np.argsort(per_class)[:BARS]  # with many classes, the hardest ones
     bx.barh([data.classes[i] for i in order], per_class[order] * 100, color="C0")
     for y, i in enumerate(order):
         bx.text(per_class[i] * 100 + 0.5, y, f"{per_class[i] * 100:.1f}%", va="center",
                 fontsize=8)
     bx.set_xlim(0, 105)
     bx.set_xlabel("accuracy on the class's test images (%)")
-    bx.set_title(f"Per-class accuracy (overall {np.mean(pred == data.test_labels):.2%})")
+    hardest = f"the {BARS} hardest of {k} classes, " if k > BARS else ""
+    bx.set_title(f"Per-class accuracy ({hardest}overall {np.mean(pred == data.test_labels):.2%})")
     bx.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{src.label}: where it goes wrong, {len(pred):,} test images",
                  fontsize=13)
