@@ -490,3 +490,52 @@ def test_output_into_a_reader_that_left_ends_quietly():
         os.close(write_end)
     assert r.returncode == 141, r.stderr
     assert r.stderr == ""
+
+
+def test_predict_fetches_http_urls_in_order_and_names_a_failing_one(tmp_path, capsys):
+    import http.server
+    import threading
+
+    from formats import png_bytes
+
+    rng = np.random.default_rng(0)
+    pngs = {f"/{i}.png": png_bytes(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+            for i in range(2)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pngs.get(self.path, b"<html>not here</html>" if self.path == "/page"
+                            else None)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        (tmp_path / "local.png").write_bytes(pngs["/1.png"])
+        r = here(capsys, "predict", "--weights", "paper-cnn", "--json", f"{url}/0.png",
+                 tmp_path / "local.png", f"{url}/1.png")
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert [g["file"] for g in got] == [f"{url}/0.png", str(tmp_path / "local.png"),
+                                            f"{url}/1.png"]
+        assert got[1]["top"] == got[2]["top"]  # the same image, from a file and a URL
+        assert_one_line_error(here(capsys, "predict", "--weights", "paper-cnn",
+                                   f"{url}/missing.png"),
+                              f"{url}/missing.png: the server answered HTTP 404")
+        assert_one_line_error(here(capsys, "predict", "--weights", "paper-cnn", f"{url}/page"),
+                              f"{url}/page: not a readable image")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert_one_line_error(here(capsys, "predict", "--weights", "paper-cnn", f"{url}/0.png"),
+                          f"{url}/0.png: cannot fetch it")

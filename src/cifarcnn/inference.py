@@ -7,6 +7,7 @@ precision, so reloaded weights reproduce the printed accuracy to the image.
 
 from __future__ import annotations
 
+import http.client
 import os
 import sys
 from collections.abc import Sequence
@@ -330,24 +331,60 @@ def top_classes(probs: np.ndarray, classes: Sequence[str], k: int) -> list[dict[
             for i in np.argsort(probs)[::-1][:check_top(k)]]
 
 
-def image_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+URL_SCHEMES = ("http://", "https://")
+MAX_URL_BYTES = 50 << 20  # an image behind a URL larger than this is refused
+
+
+def is_url(p: str | os.PathLike) -> bool:
+    return isinstance(p, str) and p.lower().startswith(URL_SCHEMES)
+
+
+def fetch_image_bytes(url: str, timeout: float = 30.0) -> bytes:
+    """The body at an http(s) URL, for `predict URL`: at most MAX_URL_BYTES, each failure
+    one line that names the URL."""
+    import urllib.error
+    import urllib.request
+
+    from . import __version__
+
+    request = urllib.request.Request(url, headers={"User-Agent": f"cifarcnn/{__version__}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            data = r.read(MAX_URL_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        raise CifarError(f"{url}: the server answered HTTP {e.code} {e.reason}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        why = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise CifarError(f"{url}: cannot fetch it ({why}); check the address and the "
+                         "network") from None
+    if len(data) > MAX_URL_BYTES:
+        raise CifarError(f"{url}: more than {MAX_URL_BYTES >> 20} MB; not an image to "
+                         "classify")
+    return data
+
+
+def image_files(paths: Sequence[str | os.PathLike]) -> list[Path | str]:
     """The files to classify: each path as given, a folder as the image files under it.
 
     A folder's files are those whose suffix names a format PIL reads (.png,
     .jpg, ...), in sorted order at any depth, so `predict photos/` does what a
     shell glob would, without one; other files there (notes, PDFs) are passed
     over. `-` is one image read from standard input (`curl ... | cifarcnn
-    predict -`).
+    predict -`), and an http(s) URL is fetched when read (`predict https://...`).
     """
     from PIL import Image
 
     # the suffixes of formats PIL can read, not only write (.pdf, .palm)
     suffixes = {ext.lower() for ext, fmt in Image.registered_extensions().items()
                 if fmt in Image.OPEN}
-    files: list[Path] = []
+    files: list[Path | str] = []
     if sum(str(p) == "-" for p in paths) > 1:
         raise CifarError("- (standard input) given twice: it holds one image")
-    for p in map(Path, paths):
+    for given in paths:
+        if is_url(given):
+            files.append(str(given))  # kept as text: a Path would fold its //
+            continue
+        p = Path(given)
         if not p.is_dir():
             files.append(p)
             continue
@@ -369,6 +406,8 @@ def read_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     """
 
     def one(p: str | os.PathLike) -> np.ndarray:
+        if is_url(p):
+            return decode_image(fetch_image_bytes(str(p)), str(p))
         try:
             data = sys.stdin.buffer.read() if str(p) == "-" else Path(p).read_bytes()
         except OSError as e:
