@@ -203,13 +203,18 @@ def quantize_onnx(path: Path, calibration: np.ndarray, meta: dict[str, Any],
     and is written into the quantized graph.
     """
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise CifarError("--int8 needs ONNX Runtime's quantizer: pip install "
+                         "'cifarcnn[export]'") from None
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
