@@ -157,6 +157,15 @@ def _read_bin_batch(data: bytes, name: str, label_bytes: int = 1) -> tuple[np.nd
     return x, rec[:, label_bytes - 1].astype(np.int64)
 
 
+def _read_bin_names(name: str, raw: bytes) -> list[str]:
+    """Class names from a binary set's text file, one per line (batches.meta.txt,
+    CIFAR-100's fine_label_names.txt)."""
+    try:
+        return [c for c in raw.decode().split() if c]
+    except UnicodeDecodeError:
+        raise CifarError(f"{name}: class names are not UTF-8 text") from None
+
+
 def _check_labels(y: np.ndarray, n_classes: int, where: str) -> None:
     if len(y) and (y.min() < 0 or y.max() >= n_classes):
         raise CifarError(f"{where}: labels outside 0..{n_classes - 1}")
@@ -258,11 +267,7 @@ class _Collector:
             te = _read_bin_batch(self.bin["test_batch.bin"][1], self.bin["test_batch.bin"][0])
             classes = list(CLASSES)
             if "batches.meta.txt" in self.bin:
-                name, raw = self.bin["batches.meta.txt"]
-                try:
-                    classes = [c for c in raw.decode().split() if c]
-                except UnicodeDecodeError:
-                    raise CifarError(f"{name}: class names are not UTF-8 text") from None
+                classes = _read_bin_names(*self.bin["batches.meta.txt"])
             return self._finish(tr, te, classes, src)
         # CIFAR-100 (its meta is required: it holds the class names, and without it two
         # stray files named train and test would pass for the data set)
@@ -274,12 +279,8 @@ class _Collector:
         if all(k in self.bin100 for k in BIN_100):
             tr = [_read_bin_batch(self.bin100["train.bin"][1], self.bin100["train.bin"][0], 2)]
             te = _read_bin_batch(self.bin100["test.bin"][1], self.bin100["test.bin"][0], 2)
-            name, raw = self.bin100["fine_label_names.txt"]
-            try:
-                classes = [c for c in raw.decode().split() if c]
-            except UnicodeDecodeError:
-                raise CifarError(f"{name}: class names are not UTF-8 text") from None
-            return self._finish(tr, te, classes, src)
+            return self._finish(tr, te, _read_bin_names(*self.bin100["fine_label_names.txt"]),
+                                src)
         if self.keys:
             return self._images(src)
         raise CifarError(
