@@ -539,3 +539,39 @@ def test_predict_fetches_http_urls_in_order_and_names_a_failing_one(tmp_path, ca
         server.server_close()
     assert_one_line_error(here(capsys, "predict", "--weights", "paper-cnn", f"{url}/0.png"),
                           f"{url}/0.png: cannot fetch it")
+
+
+def test_evaluate_writes_one_prediction_row_per_test_image(trained, tmp_path, capsys):
+    import csv
+
+    tmp, arc, _ = trained
+    out = tmp_path / "pred.csv"
+    r = here(capsys, "evaluate", "--weights", tmp / "run", "--data", arc, "--json",
+             "--predictions", out)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)  # the probabilities go to the file, not the JSON
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == summary["n"] == 40
+    assert [int(row["index"]) for row in rows] == list(range(40))
+    assert sum(int(row["correct"]) for row in rows) == summary["correct"]
+    classes = [k[2:] for k in rows[0] if k.startswith("p_")]
+    assert len(classes) == 10
+    for row in rows:
+        probs = [float(row[f"p_{c}"]) for c in classes]
+        assert abs(sum(probs) - 1) < 1e-4 and row["predicted"] == classes[probs.index(max(probs))]
+        assert float(row["confidence"]) == max(probs)
+        assert int(row["correct"]) == (row["true"] == row["predicted"])
+    # an export writes the same rows; a path that cannot take the file stops before work
+    onnx = tmp_path / "m.onnx"
+    assert here(capsys, "export", "--weights", tmp / "run", "--format", "onnx", "--out", onnx,
+                "--no-check").returncode == 0
+    r = here(capsys, "evaluate", "--weights", onnx, "--data", arc, "--predictions",
+             tmp_path / "pred-onnx.csv")
+    assert r.returncode == 0, r.stderr
+    again = list(csv.DictReader((tmp_path / "pred-onnx.csv").open()))
+    for a, b in zip(rows, again, strict=True):  # the same, but for near-ties (1e-6 apart)
+        top2 = sorted(float(a[f"p_{c}"]) for c in classes)[-2:]
+        assert a["predicted"] == b["predicted"] or top2[1] - top2[0] < 1e-4
+    assert_one_line_error(here(capsys, "evaluate", "--weights", tmp / "run", "--data", arc,
+                               "--predictions", tmp_path / "no" / "p.csv"),
+                          "--predictions", "does not exist")

@@ -336,12 +336,18 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         from .corrupt import corrupt, parse
 
         shift = parse(a.corrupt)  # a typo stops here, before anything loads
+    if a.predictions:
+        check_output_file("--predictions", Path(a.predictions))
     clf = load(a.weights, device=a.device, tta=a.tta, tta_gate=a.tta_gate)
     data = load_cifar10(a.data, a.download, verbose=True)
     images = data.test_images if shift is None else corrupt(data.test_images, *shift)
+    labels = model_labels(data, clf.classes, a.data)
     t0 = time.perf_counter()
-    r = clf.evaluate(images, model_labels(data, clf.classes, a.data))
+    r = clf.evaluate(images, labels, keep_probabilities=bool(a.predictions))
     r["seconds"] = time.perf_counter() - t0
+    if a.predictions:
+        write_text_atomic("--predictions", Path(a.predictions),
+                          predictions_csv(r.pop("probabilities"), labels, clf.classes))
     r["weights"] = str(clf.path)
     if shift is not None:
         r["corruption"] = {"name": shift[0], "severity": shift[1]}
@@ -372,6 +378,24 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
                   f"{r['accuracy']:.1%} ({side}-confident), expected calibration error "
                   f"{c['ece']:.1%}")
     return 0
+
+
+def predictions_csv(probs: Any, labels: Any, classes: list[str]) -> str:
+    """One row per test image, in the data's order: its index, true and predicted class,
+    the predicted class's probability, whether it was right, and every class's
+    probability, for an analysis of one's own (pandas.read_csv)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["index", "true", "predicted", "confidence", "correct",
+                *(f"p_{c}" for c in classes)])
+    for i, (p, t) in enumerate(zip(probs, labels, strict=True)):
+        k = int(p.argmax())
+        w.writerow([i, classes[t], classes[k], f"{p[k]:.6f}", int(k == t),
+                    *(f"{v:.6f}" for v in p)])
+    return out.getvalue()
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
@@ -557,6 +581,9 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     evaluate = sub.choices["evaluate"]
     evaluate.add_argument("--data", help="CIFAR-10 archive or folder")
     evaluate.add_argument("--download", action="store_true")
+    evaluate.add_argument("--predictions", metavar="FILE.csv",
+                          help="also write each test image's true and predicted class and "
+                          "its class probabilities, one CSV row per image")
     evaluate.add_argument("--corrupt", metavar="NAME:SEVERITY",
                           help="accuracy under a common corruption of the test images: "
                           "gaussian_noise, gaussian_blur, contrast, brightness, jpeg or "

@@ -330,7 +330,8 @@ class Exported:
         return self.predict(read_images(paths))
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray,
-                 tta: str | bool | None = None) -> dict[str, Any]:
+                 tta: str | bool | None = None,
+                 keep_probabilities: bool = False) -> dict[str, Any]:
         probs = self.predict(images, tta)
         labels = np.asarray(labels)
         n = len(labels)
@@ -344,7 +345,8 @@ class Exported:
                     torch.from_numpy(probs).clamp_min(1e-30).log(),
                     torch.from_numpy(labels.astype(np.int64))).tolist()),
                 "confusion": confusion.tolist(),
-                "per_class_accuracy": per_class_accuracy(confusion.tolist(), self.classes)}
+                "per_class_accuracy": per_class_accuracy(confusion.tolist(), self.classes),
+                **({"probabilities": probs} if keep_probabilities else {})}
 
 
 def is_exported(path: Path) -> bool:

@@ -173,7 +173,8 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                     device: str, precision: str, batch_size: int = 1000,
                     channels_last: bool = True, tta: str = "none",
                     world: World | None = None, gate: float | None = None,
-                    temperature: float = 1.0) -> dict[str, Any]:
+                    temperature: float = 1.0, keep_probabilities: bool = False
+                    ) -> dict[str, Any]:
     """Loss and accuracy of `model` on a labelled split (model put in eval mode).
 
     `accuracy`/`loss` use the TTA logits; `accuracy_no_tta` is the single view;
@@ -183,6 +184,8 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     `confusion[t][p]` counts the images of class t predicted as p. Under DDP
     (`world`) the ranks split the batches and sum their counts, so every rank
     reports what a single process reports for the same weights.
+    `keep_probabilities` (one process): also each image's class probabilities,
+    (N, C) float32 numpy under "probabilities", for a per-image record.
     """
     world = world or World()
     batch_size = eval_batch(device, batch_size)  # the batches view_logits shards by
@@ -207,7 +210,13 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     loss_sum, correct, correct_plain, runs_sum = totals[:4]
     at = 4 + len(calib)
     n = len(labels)
-    return {"loss": loss_sum / n if n else float("nan"), "accuracy": correct / max(1, n),
+    kept = {}
+    if keep_probabilities:
+        if world.size > 1:
+            raise CifarError("per-image probabilities are kept in one process only")
+        kept["probabilities"] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    return {**kept, "loss": loss_sum / n if n else float("nan"),
+            "accuracy": correct / max(1, n),
             "correct": int(correct), "n": n, "tta": tta,
             "accuracy_no_tta": correct_plain / max(1, n),
             "views_per_image": runs_sum / max(1, n),
@@ -293,7 +302,10 @@ class Classifier:
         return self.predict(read_images(paths))
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray,
-                 tta: str | bool | None = None) -> dict[str, Any]:
+                 tta: str | bool | None = None,
+                 keep_probabilities: bool = False) -> dict[str, Any]:
+        """Accuracy, loss, calibration and confusion on labelled images (see
+        `evaluate_arrays`); `keep_probabilities`: each image's too."""
         labels = np.asarray(labels)
         # checked here: PyTorch's own errors would name neither the argument nor the fix
         if (labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu"
@@ -306,7 +318,8 @@ class Classifier:
                             device=self.device, precision=self.precision,
                             batch_size=self.batch_size, channels_last=self.channels_last,
                             tta=tta_mode(tta, self.tta), gate=self.tta_gate,
-                            temperature=self.temperature)
+                            temperature=self.temperature,
+                            keep_probabilities=keep_probabilities)
         r["per_class_accuracy"] = per_class_accuracy(r["confusion"], self.classes)
         return r
 
