@@ -44,6 +44,21 @@ def _add_experiment_and_report(sub: argparse._SubParsersAction,
                        "finished runs are skipped.")
     _train_flags(e, config)
     e.add_argument("--runs", type=int, default=3, help="number of runs (seeds S..S+R-1)")
+    lf = sub.add_parser("lr-find", help="learning-rate range test: the loss as the rate "
+                        "grows, and a rate to train at",
+                        description="Train from the run's start for --steps steps while the "
+                        "rate grows from --start to --end times --lr (every group in "
+                        "proportion); print the loss and the rates where it fell fastest "
+                        "and was lowest. Train flags set up the run as `train` would.")
+    _train_flags(lf, config)
+    lf.add_argument("--steps", type=int, default=100, help="steps to run (default 100)")
+    lf.add_argument("--start", type=float, default=1e-3,
+                    help="first rate, a multiple of --lr (default 0.001)")
+    lf.add_argument("--end", type=float, default=10.0,
+                    help="last rate, a multiple of --lr (default 10)")
+    lf.add_argument("--json", metavar="FILE", help="write every step's rate and loss here")
+    lf.add_argument("--plot", metavar="FILE.png", help="draw the loss against the rate "
+                    "(needs matplotlib)")
     r = sub.add_parser("results", help="the results table of an experiment folder")
     r.add_argument("experiment", help="folder written by `cifarcnn experiment`")
     rep = sub.add_parser("report", help="HTML/Markdown report with charts from run and "
@@ -279,6 +294,71 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
     run_experiment(cfg, a.runs, Path(a.out))
     print(results_table(Path(a.out)))
     return 0
+
+
+def _cmd_lr_find(a: argparse.Namespace) -> int:
+    from .lrfind import check_range, lr_range_test
+
+    check_range(a.steps, a.start, a.end)  # before any data loads
+    for flag, path in (("--json", a.json), ("--plot", a.plot)):
+        if path:
+            check_output_file(flag, Path(path))
+    if a.plot:
+        from .report import _plt
+
+        _plt()  # matplotlib missing: say so before the steps, not after
+    if a.print_config:
+        return _print_config(a)
+    cfg = _config_from_flags(a)
+    print(f"lr-find: {a.steps} steps, --lr from {a.start:g}x to {a.end:g}x the run's own",
+          flush=True)
+    r = lr_range_test(cfg, steps=a.steps, start=a.start, end=a.end,
+                      log=lambda m: print(m, flush=True))
+    if r["lowest_lr"] is None:
+        print("too few steps before the loss diverged to suggest a rate; lower --end")
+    else:
+        blew = (f", and diverged at --lr {r['diverged_lr']:.3g}" if r["diverged_lr"]
+                else "")
+        print(f"{r['model']} ({r['optimizer']}, batch {r['batch_size']}): the loss was lowest "
+              f"at --lr {r['lowest_lr']:.3g}{blew}; a one-cycle schedule's peak goes near "
+              f"there (the recipe's --lr: {r['recipe_lr']:g})")
+    if a.json:
+        write_text_atomic("--json", Path(a.json), json.dumps(r, indent=1) + "\n")
+        print(f"wrote {a.json}")
+    if a.plot:
+        plot_lr_find(r, Path(a.plot))
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def plot_lr_find(r: dict[str, Any], path: Path) -> None:
+    """The smoothed loss against the rate on a log axis, the two suggestions marked."""
+    from .report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lrs = [p["lr"] for p in r["points"]]
+    ax.plot(lrs, [p["loss"] for p in r["points"]], color="0.75", lw=1, label="loss")
+    ax.plot(lrs, [p["smoothed"] for p in r["points"]], color="C0", lw=2, label="smoothed")
+    if r["lowest_lr"] is not None:
+        ax.axvline(r["lowest_lr"], color="C3", ls="--",
+                   label=f"lowest loss: {r['lowest_lr']:.3g}")
+    ax.axvline(r["recipe_lr"], color="0.3", ls=":", label=f"recipe: {r['recipe_lr']:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("--lr")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{r['model']}: learning-rate range test, batch {r['batch_size']}")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CifarError(f"--plot {path}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
 
 
 def _cmd_results(a: argparse.Namespace) -> int:
@@ -716,7 +796,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
             "serve": _cmd_serve, "export": _cmd_export, "bench": _cmd_bench,
             "experiment": _cmd_experiment, "results": _cmd_results, "report": _cmd_report,
-            "models": _cmd_models, "info": _cmd_info, "calibrate": _cmd_calibrate}
+            "models": _cmd_models, "info": _cmd_info, "calibrate": _cmd_calibrate,
+            "lr-find": _cmd_lr_find}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
