@@ -165,7 +165,7 @@ def test_cifar100_archives_read_with_their_fine_classes(tmp_path, fmt):
 
 
 def test_cifar100_is_fetched_where_data_names_it_and_trains_100_classes(tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, capsys):
     from formats import FINE, make_split_100, python100_archive
 
     from cifarcnn.config import TrainConfig
@@ -190,6 +190,13 @@ def test_cifar100_is_fetched_where_data_names_it_and_trains_100_classes(tmp_path
     clf = cifarcnn.load(tmp_path / "run")
     assert clf.classes == FINE
     assert clf.predict(np.zeros((3, 32, 32, 3), np.uint8)).shape == (3, 100)
+    from cifarcnn.cli import main
+
+    capsys.readouterr()
+    assert main(["evaluate", "--weights", str(tmp_path / "run"), "--data", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "per class, the 10 lowest of 100 (--json has all): " in out
+    assert len(out.splitlines()) <= 6  # not a hundred numbers
     pytest.importorskip("matplotlib")
     from cifarcnn.report import build_report
 

@@ -380,9 +380,13 @@ def _cmd_report(a: argparse.Namespace) -> int:
 def per_class_lines(r: dict[str, Any], classes: list[str], confusions: int = 3) -> str:
     """Each class's accuracy, five to a line, and the commonest mistakes: where a model
     falls short (the cat/dog pair, in CIFAR-10) matters as much as its overall score."""
-    acc = [f"{c} {a:.1%}" if a is not None else f"{c} -"
-           for c, a in r["per_class_accuracy"].items()]
-    lines = ["per class: " + "  ".join(acc[:5])]
+    items = list(r["per_class_accuracy"].items())
+    head = "per class: "
+    if len(items) > 20:  # CIFAR-100: the weakest classes, not a hundred numbers
+        items = sorted((x for x in items if x[1] is not None), key=lambda x: x[1])[:10]
+        head = f"per class, the 10 lowest of {len(r['per_class_accuracy'])} (--json has all): "
+    acc = [f"{c} {a:.1%}" if a is not None else f"{c} -" for c, a in items]
+    lines = [head + "  ".join(acc[:5])]
     lines += [" " * 11 + "  ".join(acc[i:i + 5]) for i in range(5, len(acc), 5)]
     m = r["confusion"]
     mistakes = sorted(((m[t][p] / sum(m[t]), t, p) for t in range(len(m)) for p in range(len(m))
