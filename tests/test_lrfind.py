@@ -9,7 +9,7 @@ from test_cli import assert_one_line_error, here
 from test_train import tiny_data
 
 from cifarcnn.config import TrainConfig
-from cifarcnn.lrfind import lowest_rate, lr_range_test
+from cifarcnn.lrfind import lowest_rate, lr_range_test, set_by_lr
 
 
 def test_the_rate_grows_geometrically_and_the_loss_is_recorded_each_step():
@@ -57,3 +57,18 @@ def test_the_cli_prints_the_rate_writes_json_and_a_chart_and_refuses_bad_ranges(
                          (["--end", "nan"], "0 < start < end"),
                          (["--json", tmp_path / "no" / "x.json"], "does not exist")):
         assert_one_line_error(here(capsys, "lr-find", "--data", arc, *args), needle)
+
+
+def test_only_the_groups_lr_sets_grow():
+    """fast's whitening bias, BatchNorm biases and head keep per-image SGD rates of their
+    own, as `train --lr` leaves them: only its Muon filters' rate is --lr's. paper-cnn's
+    SGD groups all take --lr."""
+    from cifarcnn.models import build_model
+    from cifarcnn.train import make_optimizer
+
+    for name, kwargs, want in (("fast", {"widths": [8, 16, 16]}, [True, False, False, False]),
+                               ("paper-cnn", {}, [True, True])):
+        cfg = TrainConfig(model=name, model_kwargs=kwargs).resolved()
+        model = build_model(name, **kwargs)
+        opt = make_optimizer(model, cfg, cfg.batch_size)
+        assert set_by_lr(model, cfg, opt) == want, name

@@ -1,8 +1,8 @@
 """`cifarcnn lr-find`: the learning-rate range test, for choosing --lr on new data.
 
 Train from the run's own start (model, initialisation, optimizer, batches and
-augmentation as `train` would) for a few dozen steps while every parameter
-group's rate grows geometrically, from `start` to `end` times its own; the
+augmentation as `train` would) for a few dozen steps while the rate `--lr`
+sets grows geometrically, from `start` to `end` times --lr; the
 loss, smoothed, falls while the rate is small enough for progress, bottoms out,
 then climbs or blows up. Near its lowest point is the largest rate that still
 makes progress, where a one-cycle schedule's peak goes (Smith, "Cyclical
@@ -17,6 +17,7 @@ other data, other batch sizes, fine-tuning.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -52,8 +53,9 @@ def lr_range_test(cfg: TrainConfig, data: CifarData | None = None, steps: int = 
     which the smoothed loss was lowest (see the module's docstring); "diverged_lr", the
     rate at which it blew up, where it did.
 
-    Each step's rate is `--lr` x the step's multiple (every group keeps its ratio to
-    --lr, as the recipe's per-group rates do).
+    Each step's rate is `--lr` x the step's multiple, in every parameter group whose
+    rate --lr sets (in proportion); groups with rates of their own (the fast net's
+    biases and head, per-image SGD rates) keep them, as `train --lr` would.
     """
     check_range(steps, start, end)
     perf.tune_allocator()  # as train does: glibc's defaults cost ~2x a step on CPU
@@ -79,6 +81,7 @@ def lr_range_test(cfg: TrainConfig, data: CifarData | None = None, steps: int = 
             cfg.seed))[:5000].to(device)]
         model.init_from_data(augment.normalize(sample, mean, std, channels_last=False))
     opt = make_optimizer(model, cfg, cfg.batch_size)
+    scales = set_by_lr(model, cfg, opt)
     base = [group["lr"] for group in opt.param_groups]
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     padded = augment.pad_images(x_train, cfg.translate, cfg.pad_mode)
@@ -90,8 +93,8 @@ def lr_range_test(cfg: TrainConfig, data: CifarData | None = None, steps: int = 
     average, lowest, stopped = 0.0, math.inf, False
     for t in range(steps):
         multiple = start * (end / start) ** (t / (steps - 1))
-        for group, rate in zip(opt.param_groups, base, strict=True):
-            group["lr"] = rate * multiple
+        for group, rate, scaled in zip(opt.param_groups, base, scales, strict=True):
+            group["lr"] = rate * multiple if scaled else rate
         epoch, s = divmod(t, per_epoch)
         if s == 0:
             plan = augment.epoch_plan(n, cfg.seed, epoch, cfg.augment, cfg.translate, cfg.flip)
@@ -124,6 +127,16 @@ def lr_range_test(cfg: TrainConfig, data: CifarData | None = None, steps: int = 
             "recipe_lr": cfg.lr, "steps": len(points),
             "lowest_lr": lowest_rate(points),
             "diverged_lr": points[-1]["lr"] if stopped else None, "points": points}
+
+
+def set_by_lr(model: torch.nn.Module, cfg: TrainConfig,
+              opt: torch.optim.Optimizer) -> list[bool]:
+    """Per parameter group of `opt`: does --lr set its rate? Asked of the optimizer
+    itself: built again at twice the rate, these are the groups whose rate doubles (an
+    optimizer holds no state before its first step, so the second costs nothing)."""
+    doubled = make_optimizer(model, dataclasses.replace(cfg, lr=2 * cfg.lr), cfg.batch_size)
+    return [math.isclose(b["lr"], 2 * a["lr"]) for a, b in
+            zip(opt.param_groups, doubled.param_groups, strict=True)]
 
 
 def lowest_rate(points: list[dict[str, float]]) -> float | None:
