@@ -457,10 +457,13 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         print(per_class_lines(r, clf.classes))
         c = r["calibration"]
         if r["n"]:
-            side = "over" if c["confidence"] > r["accuracy"] else "under"
-            print(f"calibration: mean confidence {c['confidence']:.1%} against accuracy "
-                  f"{r['accuracy']:.1%} ({side}-confident), expected calibration error "
-                  f"{c['ece']:.1%}")
+            conf, acc = f"{c['confidence']:.1%}", f"{r['accuracy']:.1%}"
+            # equal as printed, "under-confident" would read as a contradiction
+            side = ("as confident as accurate" if conf == acc
+                    else "over-confident" if c["confidence"] > r["accuracy"]
+                    else "under-confident")
+            print(f"calibration: mean confidence {conf} against accuracy {acc} ({side}), "
+                  f"expected calibration error {c['ece']:.1%}")
     return 0
 
 
