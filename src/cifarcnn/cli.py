@@ -297,7 +297,7 @@ def _cmd_experiment(a: argparse.Namespace) -> int:
 
 
 def _cmd_lr_find(a: argparse.Namespace) -> int:
-    from .lrfind import check_range, lr_range_test
+    from .lrfind import check_range, lr_range_test, plot
 
     check_range(a.steps, a.start, a.end)  # before any data loads
     for flag, path in (("--json", a.json), ("--plot", a.plot)):
@@ -326,39 +326,9 @@ def _cmd_lr_find(a: argparse.Namespace) -> int:
         write_text_atomic("--json", Path(a.json), json.dumps(r, indent=1) + "\n")
         print(f"wrote {a.json}")
     if a.plot:
-        plot_lr_find(r, Path(a.plot))
+        plot(r, Path(a.plot))
         print(f"wrote {a.plot}")
     return 0
-
-
-def plot_lr_find(r: dict[str, Any], path: Path) -> None:
-    """The smoothed loss against the rate on a log axis, the two suggestions marked."""
-    from .report import _plt
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lrs = [p["lr"] for p in r["points"]]
-    ax.plot(lrs, [p["loss"] for p in r["points"]], color="0.75", lw=1, label="loss")
-    ax.plot(lrs, [p["smoothed"] for p in r["points"]], color="C0", lw=2, label="smoothed")
-    if r["lowest_lr"] is not None:
-        ax.axvline(r["lowest_lr"], color="C3", ls="--",
-                   label=f"lowest loss: {r['lowest_lr']:.3g}")
-    ax.axvline(r["recipe_lr"], color="0.3", ls=":", label=f"recipe: {r['recipe_lr']:g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("--lr")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{r['model']}: learning-rate range test, batch {r['batch_size']}")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CifarError(f"--plot {path}: cannot write ({e.strerror or e})") from None
-    finally:
-        plt.close(fig)
 
 
 def _cmd_results(a: argparse.Namespace) -> int:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from .datasets import MEAN, STD, CifarData, load_cifar10
 from .errors import CifarError
 from .inference import autocast, input_dtype
 from .models import build_model
-from .train import make_optimizer, split_data
+from .train import init_from_data, make_optimizer, split_data
 from .weights import init_from_weights
 
 SMOOTHING = 0.9  # the loss's exponential average over steps: one batch's loss is noisy
@@ -76,10 +78,7 @@ def lr_range_test(cfg: TrainConfig, data: CifarData | None = None, steps: int = 
     x_train = torch.from_numpy(x_np).to(device)
     y_train = torch.from_numpy(y_np).to(device)
     mean, std = torch.tensor(MEAN, device=device), torch.tensor(STD, device=device)
-    if hasattr(model, "init_from_data") and not cfg.init_from:  # as train does
-        sample = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
-            cfg.seed))[:5000].to(device)]
-        model.init_from_data(augment.normalize(sample, mean, std, channels_last=False))
+    init_from_data(model, x_train, cfg, mean, std)
     opt = make_optimizer(model, cfg, cfg.batch_size)
     scales = set_by_lr(model, cfg, opt)
     base = [group["lr"] for group in opt.param_groups]
@@ -145,3 +144,33 @@ def lowest_rate(points: list[dict[str, float]]) -> float | None:
     rate); None for a test too short to say."""
     rest = [p for p in points[max(2, len(points) // 10):] if math.isfinite(p["smoothed"])]
     return min(rest, key=lambda p: p["smoothed"])["lr"] if len(rest) >= 3 else None
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    """The smoothed loss against the rate on a log axis, the two suggestions marked."""
+    from .report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lrs = [p["lr"] for p in r["points"]]
+    ax.plot(lrs, [p["loss"] for p in r["points"]], color="0.75", lw=1, label="loss")
+    ax.plot(lrs, [p["smoothed"] for p in r["points"]], color="C0", lw=2, label="smoothed")
+    if r["lowest_lr"] is not None:
+        ax.axvline(r["lowest_lr"], color="C3", ls="--",
+                   label=f"lowest loss: {r['lowest_lr']:.3g}")
+    ax.axvline(r["recipe_lr"], color="0.3", ls=":", label=f"recipe: {r['recipe_lr']:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("--lr")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{r['model']}: learning-rate range test, batch {r['batch_size']}")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CifarError(f"--plot {path}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)

@@ -159,6 +159,20 @@ def _stopped(group: dict[str, Any], epoch: int) -> bool:
     return bool(group.get("stop_epochs")) and epoch >= group["stop_epochs"]
 
 
+def init_from_data(model: nn.Module, x_train: torch.Tensor, cfg: TrainConfig,
+                   mean: torch.Tensor, std: torch.Tensor) -> None:
+    """A model's data-dependent initialisation (fast's whitening layer), for a fresh
+    start: a fixed sample of the training images, the same on every rank. Weights
+    given by --init-from keep theirs."""
+    if not hasattr(model, "init_from_data") or cfg.init_from:
+        return
+    sample = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
+        cfg.seed))[:5000].to(x_train.device)]
+    if cfg.noise:  # fitted to what it will see: noise then counts as variance to damp
+        sample = augment.add_noise(sample, cfg.noise, augment.noise_seed(cfg.seed, -1, 0, 0))
+    model.init_from_data(augment.normalize(sample, mean, std, channels_last=False))
+
+
 def split_data(data: CifarData, cfg: TrainConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """train / val / (test when --holdout): class-balanced and the same for every seed."""
     x, y = data.train_images, data.train_labels
@@ -348,14 +362,8 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     x_val, y_val = (torch.from_numpy(a) for a in splits["val"])
     mean = torch.tensor(MEAN, device=device)
     std = torch.tensor(STD, device=device)
-    if hasattr(model, "init_from_data") and ckpt is None and not cfg.init_from:
-        # data-dependent initialisation (fast's whitening layer): a fixed sample, every rank
-        sample = x_train[torch.randperm(len(x_train), generator=torch.Generator().manual_seed(
-            cfg.seed))[:5000].to(device)]
-        if cfg.noise:  # fitted to what it will see: noise then counts as variance to damp
-            sample = augment.add_noise(sample, cfg.noise,
-                                       augment.noise_seed(cfg.seed, -1, 0, 0))
-        model.init_from_data(augment.normalize(sample, mean, std, channels_last=False))
+    if ckpt is None:
+        init_from_data(model, x_train, cfg, mean, std)
     n, bs = len(y_train), cfg.batch_size
     counts = epoch_images(n, cfg)
     epoch_steps = [distributed.global_steps(count, bs, world) for count in counts]
