@@ -793,9 +793,9 @@ def test_fast_step_benchmark_times_a_step_and_refuses_bad_widths():
     rates = [float(line.split(": ")[1].split()[0]) for line in r.stdout.splitlines()
              if line.startswith("matmul ")]
     assert len(rates) == 3 and all(rate > 0 for rate in rates)
-    for extra in (["--model-arg", "whiten_act=false"], ["--model-arg", "whiten_dims=4",
-                                                         "--frozen-whiten"],
-                  ["--model-arg", "extra_convs=[0,0,1]", "--layers"]):
+    for extra in (["--model-arg", "whiten_dims=4", "--frozen-whiten"],
+                  ["--model-arg", "whiten_act=false", "--model-arg", "extra_convs=[0,0,1]",
+                   "--layers"]):
         r = subprocess.run([sys.executable, script, "--widths", "8,16,16", "--batch", "8",
                             "--res", "16", "--steps", "1", "--device", "cpu", *extra],
                            capture_output=True, text=True, timeout=120)
