@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from formats import python_archive
 from PIL import Image
 
@@ -326,6 +327,28 @@ def test_evaluate_reproduces_training_accuracy(trained):
             env_extra={"CIFARCNN_HOME": str(tmp / "home")})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["correct"] == summary["val_correct"]
+
+
+def test_weights_with_infinite_outputs_are_refused_in_one_line(trained, tmp_path, capsys,
+                                                               monkeypatch):
+    from safetensors.torch import load_file
+
+    from cifarcnn.inference import calibration_sums
+    from cifarcnn.weights import read_meta, save_state
+
+    tmp, arc, _ = trained
+    monkeypatch.setenv("CIFARCNN_HOME", str(tmp / "home"))
+    src = tmp / "run" / "weights.safetensors"
+    state = load_file(str(src))
+    bias = [k for k in state if k.endswith("bias")][-1]
+    state[bias][3] = float("inf")
+    save_state(tmp_path / "w.safetensors", state, read_meta(src))
+    r = here(capsys, "evaluate", "--weights", tmp_path / "w.safetensors", "--data", arc)
+    assert_one_line_error(r, "outputs are NaN or infinite for 40 of the 40 images", "diverged")
+    # NaN outputs fall into the lowest confidence bin rather than crash the binning
+    sums = calibration_sums(torch.tensor([[float("nan"), 0.0], [2.0, 0.0]]),
+                            torch.tensor([0, 0]))
+    assert sums[:15].sum() == 2 and sums[0] == 1
 
 
 def test_evaluate_with_a_tta_gate_reports_its_views_and_refuses_bad_gates(trained, capsys,

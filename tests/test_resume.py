@@ -199,6 +199,31 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, mo
     assert not (run / "weights.safetensors").exists()
 
 
+def test_outputs_past_every_range_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path,
+                                                                                 monkeypatch):
+    """A loss can stay finite while the weights grow until the validation outputs overflow
+    (`--limit-train 5` at paper-cnn's rate did, and evaluation crashed in its calibration
+    bins): the epoch's evaluation stops the run with one line instead."""
+    real_eval = train_mod.evaluate_arrays
+    calls = {"n": 0}
+
+    def overflowing(net, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                list(net.parameters())[-1].fill_(float("inf"))  # the head's bias
+        return real_eval(net, *a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate_arrays", overflowing)
+    run = tmp_path / "r"
+    with pytest.raises(CifarError, match=r"after epoch 3, the model's outputs are NaN or "
+                                         r"infinite for 100 of the 100 images.*last good"):
+        train(TrainConfig(epochs=5, batch_size=50, precision="fp32", out=str(run)),
+              data=tiny_data(), quiet=True)
+    assert checkpoint.load(run / checkpoint.LAST)["epoch"] == 2
+    assert not (run / "weights.safetensors").exists()
+
+
 @pytest.mark.parametrize("where, code", [("fsync", errno.ENOSPC), ("open", errno.EACCES),
                                          ("replace", errno.EIO)])
 def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch, where, code):

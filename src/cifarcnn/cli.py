@@ -10,6 +10,7 @@ Unix tools do.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -777,6 +778,10 @@ COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_pred
             "lr-find": _cmd_lr_find}
 
 
+# errno values that mean "the disk or stream can't take what we write", not a bug
+OUTPUT_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -813,6 +818,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # is still buffered does not raise again; 141 is the shell's code for SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:
+        if e.errno not in OUTPUT_FAILURES:
+            raise
+        # the disk or the output stream failed (`> /dev/full`, a full or read-only disk)
+        # somewhere no command checks for it: one line, as for any other bad input
+        if e.filename is None:  # the stream: what is still buffered must not raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"cifarcnn {args.command}: error: cannot write {e.filename or 'the output'} "
+              f"({e.strerror}); free space or choose another place", file=sys.stderr)
+        return 2
     except Interrupted as e:
         print(f"cifarcnn {args.command}: {e}", file=sys.stderr)
         return e.exit_code

@@ -72,7 +72,10 @@ def run_experiment(cfg: TrainConfig, runs: int, out: Path, data: CifarData | Non
         raise CifarError(f"--out {out}: exists and is not an experiment folder; choose another")
     check_output_folder("--out", out)
     spec.update(runs=len(asked), seeds=sorted(asked))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CifarError(f"--out {out}: cannot create the folder ({e.strerror})") from None
     write_text_atomic("--out", out / META, json.dumps(spec, indent=2) + "\n")
     data = data or load_cifar10(cfg.data, cfg.download, skip_bad_images=cfg.skip_bad_images,
                                 verbose=not quiet)

@@ -169,6 +169,11 @@ def logits_of(model: nn.Module, images: torch.Tensor, *, device: str, precision:
                        gate=gate)[0]
 
 
+class NonFiniteOutputs(CifarError):
+    """Weights that give NaN or infinite logits: diverged in training, or overflowing in
+    a narrow precision. No accuracy of them means anything, so evaluation stops."""
+
+
 def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                     device: str, precision: str, batch_size: int = 1000,
                     channels_last: bool = True, tta: str = "none",
@@ -203,13 +208,18 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     sums = torch.stack([F.cross_entropy(logits, mine, reduction="sum").double(),
                         (logits.argmax(1) == mine).sum().double(),
                         (plain.argmax(1) == mine).sum().double(),
-                        torch.tensor(float(runs), dtype=torch.float64, device=logits.device)])
+                        torch.tensor(float(runs), dtype=torch.float64, device=logits.device),
+                        (~torch.isfinite(logits)).any(1).sum().double()])
     confusion = torch.bincount(mine * classes + logits.argmax(1), minlength=classes ** 2)
     calib = calibration_sums(logits, mine)
     totals = all_reduce_sum(torch.cat([sums, calib, confusion.double()]), world).tolist()
-    loss_sum, correct, correct_plain, runs_sum = totals[:4]
-    at = 4 + len(calib)
+    loss_sum, correct, correct_plain, runs_sum, broken = totals[:5]
+    at = 5 + len(calib)
     n = len(labels)
+    if broken:  # every rank has the same totals, so every rank raises
+        raise NonFiniteOutputs(f"the model's outputs are NaN or infinite for {int(broken):,} "
+                               f"of the {n:,} images in {precision}: its weights diverged in "
+                               "training, or its values overflow that precision")
     kept = {}
     if keep_probabilities:
         if world.size > 1:
@@ -233,6 +243,7 @@ def calibration_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     """Per confidence bin: images, summed top-class probability, correct top classes;
     (3 * CALIBRATION_BINS,) float64, so ranks can sum them before `calibration`."""
     conf, pred = torch.softmax(logits.float(), dim=1).max(1)
+    conf = conf.nan_to_num(0.0)  # NaN outputs: counted in the lowest bin, not a crash
     b = (conf * CALIBRATION_BINS).long().clamp(max=CALIBRATION_BINS - 1)
     return torch.cat([torch.bincount(b, weights=w.double(), minlength=CALIBRATION_BINS)
                       for w in (torch.ones_like(conf), conf, (pred == labels).double())])

@@ -30,7 +30,7 @@ from . import augment, checkpoint, distributed, modes, native, perf
 from .config import DEFAULTS, TrainConfig, recipe_changes
 from .datasets import MEAN, STD, CifarData, balanced_subset, load_cifar10
 from .errors import CifarError
-from .inference import autocast, evaluate_arrays, input_dtype
+from .inference import NonFiniteOutputs, autocast, evaluate_arrays, input_dtype
 from .models import build_model, count_parameters
 from .models.fast import ConvGroup
 from .optim import Lookahead, MuonSGD
@@ -586,9 +586,16 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
             # A many-view TTA costs more than a short recipe's epoch: such recipes check
             # intermediate epochs on the plain view only, and apply the TTA at the end.
             tta = cfg.tta if cfg.tta_every_epoch or epoch + 1 == cfg.epochs else "none"
-            val = evaluate_arrays(eval_net, x_val, y_val, device=device, precision=precision,
-                                  batch_size=cfg.eval_batch_size, channels_last=cfg.channels_last,
-                                  tta=tta, world=world)
+            try:
+                val = evaluate_arrays(eval_net, x_val, y_val, device=device,
+                                      precision=precision, batch_size=cfg.eval_batch_size,
+                                      channels_last=cfg.channels_last, tta=tta, world=world)
+            except NonFiniteOutputs as e:  # finite losses can still grow past every range
+                kept = (f"the last good checkpoint {run / checkpoint.LAST} is kept"
+                        if (run / checkpoint.LAST).exists() else "no checkpoint was written")
+                wider = ", or train in --precision fp32" if precision != "fp32" else ""
+                raise CifarError(f"after epoch {epoch + 1}, {e}; stopped, {kept}. Lower "
+                                 f"--lr{wider}") from None
             row = {"epoch": epoch + 1, "train_loss": train_loss,
                    "train_accuracy": float(totals[1] / totals[2]), "val_loss": val["loss"],
                    "val_accuracy": val["accuracy"], "val_accuracy_no_tta": val["accuracy_no_tta"],

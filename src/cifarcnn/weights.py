@@ -43,6 +43,7 @@ def rewrite_meta(src: Path, dst: Path, meta: dict[str, Any]) -> None:
 
 
 def save_state(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     header = {"format": FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
@@ -53,9 +54,10 @@ def save_state(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any])
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports its own I/O failures
         tmp.unlink(missing_ok=True)
-        raise CifarError(f"cannot write weights to {path} ({e.strerror or e})") from None
+        why = e.strerror if isinstance(e, OSError) else str(e).split(" at path ")[0]
+        raise CifarError(f"cannot write weights to {path} ({why or e})") from None
 
 
 def resolve_weights_path(spec: str | os.PathLike) -> Path:
