@@ -110,20 +110,48 @@ def test_export_round_trips_and_equals_eager(trained_run, tmp_path, fmt, suffix)
 def test_export_errors_are_clear(trained_run, tmp_path, capsys):
     from cifarcnn.cli import main
 
-    assert main(["export", "--weights", str(trained_run), "--format", "tflite",
-                 "--no-check"]) == 2
-    assert "--format 'tflite'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--weights", str(trained_run), "--format", "tflite", "--no-check"])
+    assert stop.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
     locked = tmp_path / "no" / "such" / "dir" / "m.pt"
     assert main(["export", "--weights", str(trained_run), "--format", "torchscript",
                  "--out", str(locked), "--no-check"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot write" in err[0]
+    assert len(err) == 1 and "does not exist; create it" in err[0]
     assert main(["export", "--weights", str(trained_run), "--format", "onnx",
                  "--out", str(tmp_path / "m.pt"), "--no-check"]) == 2
     assert "must end in .onnx" in capsys.readouterr().err
     assert main(["export", "--weights", str(trained_run), "--format", "onnx",
                  "--check-images", "0"]) == 2
     assert "--check-images 0: check at least 1 image" in capsys.readouterr().err
+
+
+def test_default_export_paths_and_checks_before_the_data(trained_run, tmp_path, capsys,
+                                                         monkeypatch):
+    """Beside the weights; a shipped model's in the current folder, never in the package's
+    own; an int8 graph named apart from the fp32 one. A path that cannot be written and a
+    calibration without --int8 are refused before any data is read."""
+    from cifarcnn.cli import main
+    from cifarcnn.export import export_path
+    from cifarcnn.weights import SHIPPED
+
+    monkeypatch.chdir(tmp_path)
+    weights = trained_run / "weights.safetensors"
+    assert export_path(weights, "onnx", None) == trained_run / "weights.onnx"
+    assert export_path(weights, "onnx", None, int8=True) == trained_run / "weights-int8.onnx"
+    assert export_path(SHIPPED / "fast.safetensors", "torchscript", None) == tmp_path / "fast.pt"
+    shipped_before = sorted(p.name for p in SHIPPED.iterdir())
+    assert main(["export", "--weights", "paper-cnn", "--format", "torchscript",
+                 "--no-check"]) == 0
+    assert (tmp_path / "paper-cnn.pt").is_file()
+    assert sorted(p.name for p in SHIPPED.iterdir()) == shipped_before
+    monkeypatch.setenv("CIFAR10_DATA", str(tmp_path / "no-data-here"))
+    assert main(["export", "--weights", "paper-cnn", "--format", "onnx", "--out",
+                 str(tmp_path / "no" / "m.onnx")]) == 2
+    assert "the folder" in capsys.readouterr().err  # the path, not the missing data
+    assert main(["export", "--weights", "paper-cnn", "--format", "onnx",
+                 "--calibration-images", "5"]) == 2
+    assert "only an --int8 export is calibrated" in capsys.readouterr().err
 
 
 def test_an_export_that_fails_its_check_is_not_written(trained_run, tmp_path, monkeypatch):

@@ -458,7 +458,7 @@ def predictions_csv(probs: Any, labels: Any, classes: list[str]) -> str:
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from .datasets import load_cifar10
-    from .export import export
+    from .export import export, export_path
     from .inference import load
 
     if not a.no_check and a.check_images < 1:
@@ -470,9 +470,16 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if a.int8 and a.format != "onnx":
         raise CifarError(f"--int8: an ONNX graph only (ONNX Runtime runs it); give --format "
                          f"onnx, not {a.format}")
-    if a.int8 and a.calibration_images < 1:
-        raise CifarError(f"--calibration-images {a.calibration_images}: calibrate on at "
+    if a.calibration_images is not None and not a.int8:
+        raise CifarError("--calibration-images: only an --int8 export is calibrated; add "
+                         "--int8 or leave it out")
+    calibration_images = 1000 if a.calibration_images is None else a.calibration_images
+    if a.int8 and calibration_images < 1:
+        raise CifarError(f"--calibration-images {calibration_images}: calibrate on at "
                          "least 1 image")
+    # where it goes, checked before minutes of data loading, tracing and checking
+    out = export_path(clf.path, a.format, a.out, int8=a.int8)
+    check_output_file("--out", out)
     images = labels = calibration = None
     if not a.no_check or a.int8:
         data = load_cifar10(a.data, verbose=True)
@@ -483,9 +490,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
         if a.int8:
             from .datasets import balanced_subset
 
-            n = min(a.calibration_images, len(data.train_labels))
+            n = min(calibration_images, len(data.train_labels))
             calibration = data.train_images[balanced_subset(data.train_labels, n)]
-    r = export(clf, a.format, a.out, check_images=images, check_labels=labels,
+    r = export(clf, a.format, out, check_images=images, check_labels=labels,
                int8_calibration=calibration)
     if a.json:
         print(json.dumps(r))
@@ -665,8 +672,9 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     ex = sub.add_parser("export", help="write TorchScript or ONNX and prove it equals eager")
     ex.add_argument("--weights", default="paper-cnn",
                     help="weights .safetensors, run directory or shipped model name")
-    ex.add_argument("--format", required=True, help="torchscript or onnx")
-    ex.add_argument("--out", help="output file (default: beside the weights, .pt / .onnx)")
+    ex.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    ex.add_argument("--out", help="output file (default: beside the weights, .pt / .onnx, "
+                    "-int8.onnx with --int8; a shipped model's in the current folder)")
     ex.add_argument("--tta", choices=["none", "flip", "flip-shift"], default=None,
                     help="TTA built into the graph (default: the weights' recipe)")
     ex.add_argument("--no-tta", dest="tta", action="store_const", const="none")
@@ -677,7 +685,7 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     ex.add_argument("--int8", action="store_true",
                     help="ONNX only: quantize to int8 (faster on CPUs), calibrated on training "
                     "images; checked by its accuracy instead (needs --data)")
-    ex.add_argument("--calibration-images", type=int, default=1000, metavar="N",
+    ex.add_argument("--calibration-images", type=int, metavar="N",
                     help="with --int8: class-balanced training images to calibrate on "
                     "(default 1000)")
     ex.add_argument("--json", action="store_true")

@@ -35,7 +35,7 @@ from .inference import (
     per_class_accuracy,
     read_images,
 )
-from .weights import check_meta
+from .weights import SHIPPED, check_meta
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 META_KEY = "cifarcnn.json"  # TorchScript extra file / ONNX metadata key
@@ -80,6 +80,27 @@ class Deployable(nn.Module):
         return F.softmax(total / self.temperature, dim=1)
 
 
+def export_path(weights: Path, fmt: str, out: Path | str | None, int8: bool = False) -> Path:
+    """Where an export goes: `out`, checked for the suffix predict and evaluate recognise,
+    or by default beside the weights (`-int8` added for an int8 graph, so it never
+    replaces the fp32 one). A shipped model's export goes to the current folder instead:
+    the shipped folder is the package's own, often read-only in an installed wheel."""
+    if fmt not in FORMATS:
+        raise CifarError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if out:
+        out = Path(out)
+    else:
+        weights = Path(weights)
+        folder = (Path.cwd() if weights.resolve().parent == SHIPPED.resolve()
+                  else weights.parent)
+        out = folder / f"{weights.stem}{'-int8' if int8 else ''}{FORMATS[fmt]}"
+    allowed = (".pt", ".ts") if fmt == "torchscript" else (".onnx",)
+    if out.suffix.lower() not in allowed:
+        raise CifarError(f"--out {out}: a {fmt} file must end in {' or '.join(allowed)} "
+                         "(that is how predict and evaluate recognise it)")
+    return out
+
+
 def export(clf: Classifier, fmt: str, out: Path | None = None,
            check_images: np.ndarray | None = None, check_labels: np.ndarray | None = None,
            int8_calibration: np.ndarray | None = None) -> dict[str, Any]:
@@ -100,11 +121,7 @@ def export(clf: Classifier, fmt: str, out: Path | None = None,
         if check_images is not None and (check_labels is None
                                          or len(check_labels) != len(check_images)):
             raise CifarError("--int8: its check needs the test images' labels")
-    out = Path(out) if out else clf.path.with_name(clf.path.stem + FORMATS[fmt])
-    allowed = (".pt", ".ts") if fmt == "torchscript" else (".onnx",)
-    if out.suffix.lower() not in allowed:
-        raise CifarError(f"--out {out}: a {fmt} file must end in {' or '.join(allowed)} "
-                         "(that is how predict and evaluate recognise it)")
+    out = export_path(clf.path, fmt, out, int8=int8_calibration is not None)
     model = clf.model.float().to(memory_format=torch.contiguous_format).cpu().eval()
     net = Deployable(model, clf.meta.get("mean", MEAN), clf.meta.get("std", STD), clf.tta,
                      clf.temperature).eval()
