@@ -344,6 +344,25 @@ def test_resume_of_a_damaged_run_folder_is_one_line(tmp_path, capsys, name, text
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing changed
 
 
+def test_resume_refuses_flags_that_would_change_the_run(tmp_path, capsys):
+    """`--resume RUN --epochs 40` used to run RUN's own settings and ignore --epochs."""
+    from cifarcnn.cli import main
+
+    run = tmp_path / "run"
+    train(TrainConfig(epochs=1, batch_size=50, out=str(run)), data=tiny_data(), quiet=True)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["train", "--resume", str(run), "--epochs", "40", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "which --epochs, --lr would change; leave them out" in err[0]
+    assert f"--init-from {run}" in err[0]  # finished: train on from its weights
+    (run / "weights.safetensors").unlink()
+    assert main(["train", "--resume", str(run), "--seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert "which --seed would change; leave it out" in err and "--init-from" not in err
+    del before["weights.safetensors"]
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def test_deterministic_runs_repeat_exactly(tmp_path):
     for name in ("a", "b"):
         train(TrainConfig(epochs=2, batch_size=32, seed=7, deterministic=True,

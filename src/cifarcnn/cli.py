@@ -191,6 +191,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.resume and (a.config or a.print_config):
         raise CifarError("--resume continues a run with its own saved settings; leave out "
                          "--config and --print-config (to repeat a run: --config RUN_DIR)")
+    if a.resume:
+        _refuse_changes_on_resume(a)
     if a.print_config:
         return _print_config(a)
     if a.nproc is not None:
@@ -204,6 +206,21 @@ def _cmd_train(a: argparse.Namespace) -> int:
         from .distributed import teardown
 
         teardown()
+
+
+def _refuse_changes_on_resume(a: argparse.Namespace) -> None:
+    """A resumed run follows its saved settings to the weights an uninterrupted run gives;
+    a flag that would change them (`--epochs 40`) would otherwise be silently ignored."""
+    plain = vars(build_parser().parse_args(["train"]))
+    changed = [f"--{k.replace('_', '-')}" for k, v in vars(a).items()
+               if k in plain and v != plain[k] and k not in ("resume", "data", "nproc")]
+    if changed:
+        finished = (Path(a.resume) / "weights.safetensors").is_file()
+        raise CifarError(f"--resume {a.resume} continues the run with its own saved settings, "
+                         f"which {', '.join(changed)} would change; leave "
+                         f"{'them' if len(changed) > 1 else 'it'} out" + (
+                             f" (to train on from its weights with new settings: --init-from "
+                             f"{a.resume} --out NEW_RUN)" if finished else ""))
 
 
 def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
