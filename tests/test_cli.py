@@ -584,6 +584,17 @@ def test_evaluate_writes_one_prediction_row_per_test_image(trained, tmp_path, ca
         assert abs(sum(probs) - 1) < 1e-4 and row["predicted"] == classes[probs.index(max(probs))]
         assert float(row["confidence"]) == max(probs)
         assert int(row["correct"]) == (row["true"] == row["predicted"])
+    # top-5: the true class among each row's five likeliest; ties at the fifth place (this
+    # 1-epoch net gives many classes 0.000000) can fall either way
+    surely_in = surely_out = 0
+    for row in rows:
+        ranked = sorted((float(row[f"p_{c}"]) for c in classes), reverse=True)
+        true = float(row[f"p_{row['true']}"])
+        surely_in += true > ranked[5]
+        surely_out += true < ranked[4]
+    top5 = round(summary["top5_accuracy"] * 40)
+    assert surely_in <= top5 <= 40 - surely_out and top5 >= summary["correct"]
+    assert surely_in > summary["correct"]  # the bound says more than top-1 does
     # an export writes the same rows; a path that cannot take the file stops before work
     onnx = tmp_path / "m.onnx"
     assert here(capsys, "export", "--weights", tmp / "run", "--format", "onnx", "--out", onnx,
@@ -591,6 +602,7 @@ def test_evaluate_writes_one_prediction_row_per_test_image(trained, tmp_path, ca
     r = here(capsys, "evaluate", "--weights", onnx, "--data", arc, "--predictions",
              tmp_path / "pred-onnx.csv")
     assert r.returncode == 0, r.stderr
+    assert f"({summary['correct']}/40), top-5 {top5 / 40:.2%}, loss" in r.stdout
     again = list(csv.DictReader((tmp_path / "pred-onnx.csv").open()))
     for a, b in zip(rows, again, strict=True):  # the same, but for near-ties (1e-6 apart)
         top2 = sorted(float(a[f"p_{c}"]) for c in classes)[-2:]

@@ -85,3 +85,11 @@ def test_out_of_range_model_arguments_are_refused_before_allocating(name, kwargs
     (a RuntimeError with a traceback), a negative width raised one too."""
     with pytest.raises(CifarError, match=rf"model {name}: .*{says}"):
         build_model(name, **kwargs)
+
+
+def test_top_k_counts_labels_among_the_five_highest_scores():
+    from cifarcnn.inference import top_k_correct
+
+    scores = torch.arange(10.0).repeat(3, 1)  # class 9 highest, then 8, ... 0 lowest
+    assert int(top_k_correct(scores, torch.tensor([9, 5, 4]))) == 2  # 4 is sixth
+    assert int(top_k_correct(scores[:, :3], torch.tensor([0, 1, 2]))) == 3  # k = 3 classes

@@ -434,8 +434,11 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         gated = ""
         if clf.tta != "none" and clf.tta_gate is not None:
             gated = f"; TTA gated at {clf.tta_gate:g}: {r['views_per_image']:.2f} views per image"
+        from .inference import TOP_K
+
+        top = f", top-{TOP_K} {r[f'top{TOP_K}_accuracy']:.2%}" if len(clf.classes) > TOP_K else ""
         print(f"{clf.path}: {clf.meta['model']} test accuracy {r['accuracy']:.2%}{tta} "
-              f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}, {r['seconds']:.1f}s{gated}"
+              f"({r['correct']}/{r['n']}){top}, loss {r['loss']:.4f}, {r['seconds']:.1f}s{gated}"
               + (f"; the images under {shift[0]}, severity {shift[1]} of 5" if shift else ""))
         recorded = {clf.meta.get("tta", "none"): clf.meta.get("val_accuracy"),
                     "none": clf.meta.get("val_accuracy_no_tta", clf.meta.get("val_accuracy"))}

@@ -26,6 +26,7 @@ from torch import nn
 from .datasets import MEAN, STD
 from .errors import CifarError
 from .inference import (
+    TOP_K,
     TTA_VIEWS,
     Classifier,
     as_batch,
@@ -34,6 +35,7 @@ from .inference import (
     eval_batch,
     per_class_accuracy,
     read_images,
+    top_k_correct,
 )
 from .weights import SHIPPED, check_meta
 
@@ -356,8 +358,11 @@ class Exported:
         nll = -np.log(np.clip(probs[np.arange(n), labels], 1e-12, None))
         k = len(self.classes)
         confusion = np.bincount(labels * k + probs.argmax(1), minlength=k * k).reshape(k, k)
+        top = int(top_k_correct(torch.from_numpy(probs),
+                                torch.from_numpy(labels.astype(np.int64))))
         return {"loss": float(nll.mean()) if n else float("nan"), "accuracy": correct / max(1, n),
                 "correct": correct, "n": n, "tta": self.tta,
+                f"top{TOP_K}_accuracy": top / max(1, n),
                 "calibration": calibration(calibration_sums(  # log: softmax gives probs back
                     torch.from_numpy(probs).clamp_min(1e-30).log(),
                     torch.from_numpy(labels.astype(np.int64))).tolist()),

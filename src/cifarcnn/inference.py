@@ -209,12 +209,13 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
                         (logits.argmax(1) == mine).sum().double(),
                         (plain.argmax(1) == mine).sum().double(),
                         torch.tensor(float(runs), dtype=torch.float64, device=logits.device),
-                        (~torch.isfinite(logits)).any(1).sum().double()])
+                        (~torch.isfinite(logits)).any(1).sum().double(),
+                        top_k_correct(logits, mine).double()])
     confusion = torch.bincount(mine * classes + logits.argmax(1), minlength=classes ** 2)
     calib = calibration_sums(logits, mine)
     totals = all_reduce_sum(torch.cat([sums, calib, confusion.double()]), world).tolist()
-    loss_sum, correct, correct_plain, runs_sum, broken = totals[:5]
-    at = 5 + len(calib)
+    loss_sum, correct, correct_plain, runs_sum, broken, correct_top = totals[:len(sums)]
+    at = len(sums) + len(calib)
     n = len(labels)
     if broken:  # every rank has the same totals, so every rank raises
         raise NonFiniteOutputs(f"the model's outputs are NaN or infinite for {int(broken):,} "
@@ -228,12 +229,23 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return {**kept, "loss": loss_sum / n if n else float("nan"),
             "accuracy": correct / max(1, n),
             "correct": int(correct), "n": n, "tta": tta,
+            f"top{TOP_K}_accuracy": correct_top / max(1, n),
             "accuracy_no_tta": correct_plain / max(1, n),
             "views_per_image": runs_sum / max(1, n),
-            "calibration": calibration(totals[4:at]),
+            "calibration": calibration(totals[len(sums):at]),
             # rows: the true class, columns: the predicted one (with the TTA)
             "confusion": [[int(v) for v in totals[at + r * classes:at + (r + 1) * classes]]
                           for r in range(classes)]}
+
+
+TOP_K = 5  # the second number CIFAR-100 results give: the label among the 5 likeliest
+
+
+def top_k_correct(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many labels are among their row's TOP_K highest scores (all of them with at
+    most TOP_K classes)."""
+    k = min(TOP_K, scores.shape[1])
+    return (scores.topk(k, dim=1).indices == labels[:, None]).any(1).sum()
 
 
 CALIBRATION_BINS = 15  # equal-width confidence bins, the usual choice for the ECE
