@@ -186,7 +186,9 @@ def evaluate_arrays(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     `views_per_image` is the forward passes run per image (the TTA's view
     count, less with a `gate`); `calibration` compares confidence with accuracy
     (see `calibration`) at the weights' `temperature`, which the loss uses too;
-    `confusion[t][p]` counts the images of class t predicted as p. Under DDP
+    `confusion[t][p]` counts the images of class t predicted as p; `top5_accuracy`
+    counts a label among the five highest scores. NaN or infinite outputs raise
+    NonFiniteOutputs: no number computed from them would mean anything. Under DDP
     (`world`) the ranks split the batches and sum their counts, so every rank
     reports what a single process reports for the same weights.
     `keep_probabilities` (one process): also each image's class probabilities,
