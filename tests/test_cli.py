@@ -200,6 +200,14 @@ def test_evaluate_on_a_test_folder_of_some_of_the_classes(tmp_path, capsys):
     assert "cat " in r.stdout and "airplane -" in r.stdout and "recorded" not in r.stdout
     assert_one_line_error(here(capsys, "train", "--data", root, "--out", tmp_path / "r"),
                           "no training images", "train/<class>/")
+    # bad data stops a run before its first epoch: the folder it began is gone, so the
+    # same command works once the data is fixed (it used to say "already holds a run")
+    assert not (tmp_path / "r").exists()
+    one = image_folder(tmp_path / "one", per_class=3, classes=("cat",))
+    r = here(capsys, "train", "--data", one, "--out", tmp_path / "r")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "every training image is of one class, 'cat'" in r.stderr.splitlines()[-1]
+    assert not (tmp_path / "r").exists()
     (root / "test" / "dog").rename(root / "test" / "puppy")
     r = here(capsys, "evaluate", "--weights", "paper-cnn", "--data", root)  # decoded anew
     assert r.returncode == 2 and "Traceback" not in r.stderr

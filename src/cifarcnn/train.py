@@ -179,6 +179,11 @@ def split_data(data: CifarData, cfg: TrainConfig) -> dict[str, tuple[np.ndarray,
     if not len(y):
         raise CifarError(f"{data.source}: no training images; an image folder needs "
                          "train/<class>/ images to train on (test/ alone serves evaluate)")
+    present = np.unique(y)
+    if len(present) < 2:  # a one-class "classifier" reaches 100% having learnt nothing
+        raise CifarError(f"{data.source}: every training image is of one class, "
+                         f"{data.classes[int(present[0])]!r}; a classifier needs images of at "
+                         "least two classes (add train/<class>/ folders)")
     splits = {}
     if cfg.holdout:
         if cfg.holdout >= len(y):
@@ -243,8 +248,10 @@ def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) 
         check_run_dir(Path(cfg.out))
     data = _load_data(cfg, data, quiet, world)
     run: Path | str | None = None
+    created = False
     if world.main:
         try:
+            created = cfg.out is None or not Path(cfg.out).exists()
             run = prepare_run_dir(cfg.out, cfg.model)
             cfg.out = str(run)
             write_json(run / "config.json", cfg.to_dict())
@@ -254,7 +261,22 @@ def train(cfg: TrainConfig, data: CifarData | None = None, quiet: bool = False) 
     if run.startswith("error: "):
         raise CifarError(run[len("error: "):])
     cfg.out = run
-    return _run(cfg, Path(run), data, None, quiet, world)
+    try:
+        return _run(cfg, Path(run), data, None, quiet, world)
+    except CifarError:
+        if world.main:
+            _forget_unstarted_run(Path(run), created)
+        raise
+
+
+def _forget_unstarted_run(run: Path, created: bool) -> None:
+    """After bad input stopped a run before its first epoch ended (one class of images, a
+    bad model argument), remove what it wrote: only config.json, which would make the
+    same command, once the input is fixed, refuse the folder as holding a run."""
+    if sorted(p.name for p in run.iterdir()) == ["config.json"]:
+        (run / "config.json").unlink()
+        if created:
+            run.rmdir()
 
 
 def _load_data(cfg: TrainConfig, data: CifarData | None, quiet: bool,
