@@ -649,15 +649,15 @@ def test_freeze_first_group_stops_its_training_and_its_backward(tmp_path):
 
 
 def test_one_epoch_on_a_balanced_5000_image_subset_beats_50_percent(real_data, tmp_path):
-    # The recipe's batch of 500 would make this 10 steps; at 100 it is 50, and the
+    # The recipe's batch of 1,000 would make this 5 steps; at 100 it is 50, and the
     # per-image rates of the recipe (models/fast.py) keep every other setting as it is.
-    # Two test-time views, not the recipe's six: on a CPU without bf16 (README, "A third
+    # One test-time view, not the recipe's six: on a CPU without bf16 (README, "A third
     # CPU") the six-view pass over the 10,000 test images was about half of this test's
-    # 100 s there, and with two it took 64 s.
+    # 100 s there, two views took 56-64 s and one 43 s; other tests check the views.
     s = train(TrainConfig(model="fast", epochs=1, limit_train=5000, batch_size=100,
-                          tta="flip", out=str(tmp_path / "r")), data=real_data, quiet=True)
+                          tta="none", out=str(tmp_path / "r")), data=real_data, quiet=True)
     assert s["train_images"] == 5000
-    assert s["val_accuracy_no_tta"] > 0.5 and s["val_accuracy"] > 0.5, s
+    assert s["val_accuracy_no_tta"] > 0.5, s
 
 
 def test_time_to_accuracy_benchmark_prints_the_table_and_writes_json(tmp_path):
