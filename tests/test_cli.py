@@ -214,6 +214,29 @@ def test_evaluate_on_a_test_folder_of_some_of_the_classes(tmp_path, capsys):
     assert "['puppy'] are not among the model's" in r.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize("model", ["paper-cnn", "fast"])
+def test_models_shows_the_recipe_train_uses_and_the_arguments_it_takes(capsys, model):
+    """`train --help` sends users to `cifarcnn models` for the recipe: the flags it prints
+    must be the settings train resolves, and every --model-arg key it lists must build."""
+    from cifarcnn.models import build_model, count_parameters
+
+    r = here(capsys, "models", model)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[0] == model and "params" in lines[0]
+    recipe = " ".join(line[14:] for line in lines[1:lines.index(next(
+        line for line in lines if line.startswith("  --model-arg")))]).split()
+    plain = json.loads(here(capsys, "train", "--model", model, "--print-config").stdout)
+    given = json.loads(here(capsys, "train", "--model", model, *recipe,
+                            "--print-config").stdout)
+    assert given == plain and len(recipe) >= 2 * 20  # flag-value pairs, all of them
+    d = json.loads(here(capsys, "models", model, "--json").stdout)
+    assert {k: plain[k] for k in d["recipe"] if k in plain} == {
+        k: v for k, v in d["recipe"].items() if k in plain}
+    assert count_parameters(build_model(model, **d["arguments"])) == d["parameters"]
+    assert_one_line_error(here(capsys, "models", "nope"), "unknown model 'nope'")
+
+
 def test_missing_weights(tmp_path, capsys):
     r = here(capsys, "evaluate", "--weights", str(tmp_path / "none.safetensors"))
     assert_one_line_error(r, "none.safetensors", "no such file")

@@ -618,10 +618,39 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
-    from .models import MODELS, build_model, count_parameters
+    """Each model with the recipe `train` gives it and the arguments --model-arg sets."""
+    import inspect
+    import textwrap
 
-    for name, spec in MODELS.items():
-        print(f"{name:<10} {count_parameters(build_model(name)):>10,} params  {spec.summary}")
+    from .config import DEFAULTS
+    from .models import MODELS, build_model, count_parameters, get_spec
+
+    rows = []
+    for name in [a.name] if a.name else list(MODELS):
+        spec = get_spec(name)
+        arguments = {k: list(v.default) if isinstance(v.default, tuple) else v.default
+                     for k, v in inspect.signature(spec.build).parameters.items()
+                     if v.default is not inspect.Parameter.empty}
+        rows.append({"name": name, "parameters": count_parameters(build_model(name)),
+                     "summary": spec.summary, "recipe": {**DEFAULTS, **spec.recipe},
+                     "arguments": arguments})
+    if a.json:
+        print(json.dumps(rows if not a.name else rows[0]))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<10} {r['parameters']:>10,} params  {r['summary']}")
+        if not a.name:
+            continue
+        # as flags, the form a user changes them in (tta_every_epoch has no flag); a
+        # no-break space keeps each flag on the line of its value
+        flags = " ".join(f"--{k.replace('_', '-')}\xa0{v}" for k, v in r["recipe"].items()
+                         if k != "tta_every_epoch")
+        args = " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}"
+                        for k, v in r["arguments"].items())
+        for label, text in (("recipe", flags), ("--model-arg", args)):
+            print(textwrap.fill(text, width=88, initial_indent=f"  {label:<12}",
+                                subsequent_indent=" " * 14, break_on_hyphens=False
+                                ).replace("\xa0", " "))
     return 0
 
 
@@ -774,7 +803,11 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     tb.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     tb.add_argument("--mode", default="eager", choices=["eager", "compile", "trace", "script"])
     tb.add_argument("--keep", metavar="DIR", help="keep the run folders here")
-    sub.add_parser("models", help="list the models")
+    mo = sub.add_parser("models", help="list the models; with a name, its recipe and "
+                        "arguments")
+    mo.add_argument("name", nargs="?", help="one model: the settings `train --model NAME` "
+                    "uses and the --model-arg keys it takes")
+    mo.add_argument("--json", action="store_true")
     return parser
 
 
