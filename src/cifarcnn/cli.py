@@ -27,11 +27,12 @@ from .runfiles import check_output_file, check_output_folder, write_text_atomic
 def _add_train(sub: argparse._SubParsersAction, config: dict[str, Any] | None) -> None:
     p = sub.add_parser("train", help="train a model; writes a run directory",
                        description="Train a model on CIFAR-10. Flags left out come from the "
-                       "model's own recipe (see `cifarcnn models`).")
+                       "model's own recipe (see `cifarcnn models NAME`).")
     _train_flags(p, config)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint, with its saved "
-                   "config (--data may give the data's new location; other flags are ignored)")
+                   "config (--data may give the data's new location; flags that would "
+                   "change the run are refused)")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel on this machine: re-run this command under "
                    "`torchrun --standalone --nproc_per_node N` (--batch-size is per process)")
