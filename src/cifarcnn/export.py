@@ -174,7 +174,7 @@ def export(clf: Classifier, fmt: str, out: Path | None = None,
                         f"{len(labels):,} test images, is more than {INT8_MAX_DROP:.0%} "
                         f"below the fp32 graph's {report['accuracy_fp32']:.2%}; not written "
                         "(export without --int8)")
-            elif report["max_abs_diff"] > TOLERANCE:
+            elif not report["max_abs_diff"] <= TOLERANCE:  # NaN differences fail too
                 raise CifarError(f"{out}: exported outputs differ from eager by "
                                  f"{report['max_abs_diff']:.2e} (> {TOLERANCE:g}); not written")
         try:

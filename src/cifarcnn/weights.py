@@ -197,6 +197,12 @@ def load_weights(path: Path, device: str = "cpu") -> tuple[nn.Module, dict[str, 
         model.load_state_dict(state)
     except (RuntimeError, OSError) as e:
         raise CifarError(f"{path}: tensors do not fit model {meta['model']} ({e})") from None
+    # NaN or infinite weights give NaN probabilities that predict would print and export's
+    # equality check (NaN compares false) would let through: one line at load instead
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CifarError(f"{path}: tensor {name!r} holds NaN or infinite values (weights "
+                             "that diverged in training, or a damaged file); use other weights")
     return model.to(device).eval(), meta
 
 
