@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -93,3 +94,20 @@ def test_top_k_counts_labels_among_the_five_highest_scores():
     scores = torch.arange(10.0).repeat(3, 1)  # class 9 highest, then 8, ... 0 lowest
     assert int(top_k_correct(scores, torch.tensor([9, 5, 4]))) == 2  # 4 is sixth
     assert int(top_k_correct(scores[:, :3], torch.tensor([0, 1, 2]))) == 3  # k = 3 classes
+
+
+def test_arrays_that_are_not_a_batch_of_images_say_how_to_make_one():
+    import numpy as np
+
+    from cifarcnn.inference import as_batch
+
+    one = np.zeros((32, 32, 3), np.uint8)
+    assert as_batch(one).shape == (1, 32, 32, 3)
+    assert as_batch([one, one]).shape == (2, 32, 32, 3)  # a list, without torch's slow path
+    assert as_batch([]).shape == (0, 32, 32, 3)
+    for bad, hint in ((np.zeros((2, 3, 32, 32), np.uint8), "images.transpose(0, 2, 3, 1)"),
+                      (np.zeros((2, 64, 64, 3), np.uint8), "predict_files(paths) resizes"),
+                      (np.zeros((2, 32, 32, 3), np.float32), "* 255).round()"),
+                      ([one, np.zeros((8, 8, 3), np.uint8)], "images of different shapes")):
+        with pytest.raises(CifarError, match=re.escape(hint)):
+            as_batch(bad)

@@ -464,12 +464,27 @@ def read_images(paths: Sequence[str | os.PathLike]) -> np.ndarray:
 
 
 def as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 32, 32, 3) as a tensor: one image (32, 32, 3) or a list of them too."""
+    if isinstance(images, (list, tuple)):  # torch warns that a list of arrays is slow
+        try:
+            images = np.stack([np.asarray(i) for i in images]) if len(images) else np.zeros(
+                (0, 32, 32, 3), np.uint8)
+        except ValueError:
+            raise CifarError("images of different shapes; each must be uint8 (32, 32, 3) "
+                             "(predict_files(paths) resizes photos of any size)") from None
     x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or tuple(x.shape[1:]) != (32, 32, 3) or x.dtype != torch.uint8:
+        hint = ""
+        if x.ndim == 4 and tuple(x.shape[1:]) == (3, 32, 32):
+            hint = "; channels come last: images.transpose(0, 2, 3, 1)"
+        elif x.ndim == 4 and x.shape[-1] == 3 and x.dtype == torch.uint8:
+            hint = "; for photos of any size, predict_files(paths) resizes them"
+        elif x.is_floating_point():
+            hint = "; floats in [0, 1]: (images * 255).round().astype(np.uint8)"
         raise CifarError(f"images must be uint8 of shape (N, 32, 32, 3), got {x.dtype} "
-                         f"{tuple(x.shape)}")
+                         f"{tuple(x.shape)}{hint}")
     return x
 
 
