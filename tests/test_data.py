@@ -404,3 +404,23 @@ def test_normalize_gives_channels_last_and_unit_scale():
     assert y.is_contiguous(memory_format=torch.channels_last)
     ref = (x.permute(0, 3, 1, 2).float() / 255 - mean[:, None, None]) / std[:, None, None]
     torch.testing.assert_close(y, ref)
+
+
+def test_deeper_than_8_bit_grey_images_keep_their_tones():
+    """PIL's own conversion clipped 16-bit grey at 255: a 0..65535 ramp came out as one
+    black pixel and 31 white ones."""
+    from PIL import Image
+
+    from cifarcnn.datasets import decode_image
+
+    ramp = np.tile(np.linspace(0, 1, 32), (32, 1))
+    want = np.round(ramp * 255)
+    for array, fmt in ((np.round(ramp * 65535).astype(np.uint16), "PNG"),
+                       (np.round(ramp * 65535).astype(np.int32), "TIFF"),
+                       (ramp.astype(np.float32), "TIFF"),
+                       (np.round(ramp * 255).astype(np.int32), "TIFF")):  # 8-bit range in I
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, fmt)
+        x = decode_image(buf.getvalue(), f"ramp.{fmt.lower()}")
+        assert x.shape == (32, 32, 3) and (x[..., 0] == x[..., 2]).all()
+        assert np.abs(x[..., 0].astype(int) - want).max() <= 1, (array.dtype, x[0, ::4, 0])

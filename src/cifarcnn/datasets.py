@@ -55,7 +55,7 @@ PY_100 = ("train", "test", "meta")  # CIFAR-100's files: one batch per split
 BIN_100 = ("train.bin", "test.bin", "fine_label_names.txt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PIXELS = 8192 * 8192  # larger images are refused as likely decompression bombs
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: 16-bit grey images decoded to their tones, not clipped (_eight_bit)
 
 
 @dataclass
@@ -86,6 +86,21 @@ def default_data_dir() -> Path:
 BAD_IMAGE_HINT = "fix or remove the file (training data: --skip-bad-images skips such files)"
 
 
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """One-channel images deeper than 8 bits as 8-bit grey. PIL's own conversion clips
+    16-bit grey (scientific cameras, some scanners) at 255, which turns all but the
+    darkest pixels white; floats are taken as [0, 1] when they fit, else as 0-255."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    top = a.max(initial=0.0)
+    if im.mode == "F":
+        a = a * 255 if top <= 1.0 else a
+    elif im.mode.startswith("I;16") or top > 255:
+        a = a / 257  # 65535 -> 255
+    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+
+
 def decode_image(data: bytes, name: str, hint: str = BAD_IMAGE_HINT) -> np.ndarray:
     """Decode one image file to (32, 32, 3) uint8 RGB, converting mode and size as needed.
 
@@ -99,7 +114,7 @@ def decode_image(data: bytes, name: str, hint: str = BAD_IMAGE_HINT) -> np.ndarr
                                  f"{MAX_PIXELS:,} allowed (a decompression bomb?); remove it")
             if (w, h) != (32, 32):
                 im.draft("RGB", (32, 32))  # JPEG: decode big photos at a reduced scale
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            rgb = im if im.mode == "RGB" else _eight_bit(im).convert("RGB")
             if rgb.size != (32, 32):
                 rgb = rgb.resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=2.0)
             return np.asarray(rgb, dtype=np.uint8)
