@@ -424,3 +424,23 @@ def test_deeper_than_8_bit_grey_images_keep_their_tones():
         x = decode_image(buf.getvalue(), f"ramp.{fmt.lower()}")
         assert x.shape == (32, 32, 3) and (x[..., 0] == x[..., 2]).all()
         assert np.abs(x[..., 0].astype(int) - want).max() <= 1, (array.dtype, x[0, ::4, 0])
+
+
+def test_photos_with_an_exif_orientation_are_turned_upright():
+    """A phone stores a portrait photo's pixels sideways with EXIF orientation 6 ("turn
+    90 degrees clockwise to show"); the net must see what the viewer sees."""
+    from PIL import Image
+
+    from cifarcnn.datasets import decode_image
+
+    upright = np.zeros((60, 40, 3), np.uint8)
+    upright[:10, :, 0] = 255  # a red band at the top
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged, plain = io.BytesIO(), io.BytesIO()
+    stored.save(tagged, "JPEG", exif=exif.tobytes(), quality=95)
+    Image.fromarray(upright).save(plain, "JPEG", quality=95)
+    x, want = decode_image(tagged.getvalue(), "p.jpg"), decode_image(plain.getvalue(), "u.jpg")
+    assert np.abs(x.astype(int) - want).max() <= 3
+    assert x[:4, :, 0].mean() > 200 and x[-4:, :, 0].mean() < 20  # the band on top

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import archives, pickles
 from .errors import CifarError
@@ -55,7 +55,9 @@ PY_100 = ("train", "test", "meta")  # CIFAR-100's files: one batch per split
 BIN_100 = ("train.bin", "test.bin", "fine_label_names.txt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PIXELS = 8192 * 8192  # larger images are refused as likely decompression bombs
-CACHE_VERSION = "2"  # 2: 16-bit grey images decoded to their tones, not clipped (_eight_bit)
+# 2: 16-bit grey decoded to its tones, not clipped (_eight_bit); photos turned upright
+CACHE_VERSION = "2"
+ORIENTATION = 0x0112  # the EXIF tag cameras set instead of rotating the pixels
 
 
 @dataclass
@@ -114,6 +116,8 @@ def decode_image(data: bytes, name: str, hint: str = BAD_IMAGE_HINT) -> np.ndarr
                                  f"{MAX_PIXELS:,} allowed (a decompression bomb?); remove it")
             if (w, h) != (32, 32):
                 im.draft("RGB", (32, 32))  # JPEG: decode big photos at a reduced scale
+            if im.getexif().get(ORIENTATION, 1) != 1:  # a phone photo held upright
+                im = ImageOps.exif_transpose(im)
             rgb = im if im.mode == "RGB" else _eight_bit(im).convert("RGB")
             if rgb.size != (32, 32):
                 rgb = rgb.resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=2.0)
