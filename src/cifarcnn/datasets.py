@@ -23,6 +23,7 @@ import pickle
 import shutil
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,21 @@ def _eight_bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
 
 
+def _upright(im: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: cameras store a photo held upright sideways, with
+    an EXIF orientation that says how to turn it. A damaged EXIF block (PIL's parser
+    warns, or raises struct, key and type errors) leaves the image as stored: the pixels
+    decode on their own and are still worth classifying."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if im.getexif().get(ORIENTATION, 1) in (None, 1):
+                return im
+            return ImageOps.exif_transpose(im)
+        except Exception:
+            return im
+
+
 def decode_image(data: bytes, name: str, hint: str = BAD_IMAGE_HINT) -> np.ndarray:
     """Decode one image file to (32, 32, 3) uint8 RGB, converting mode and size as needed.
 
@@ -116,8 +132,7 @@ def decode_image(data: bytes, name: str, hint: str = BAD_IMAGE_HINT) -> np.ndarr
                                  f"{MAX_PIXELS:,} allowed (a decompression bomb?); remove it")
             if (w, h) != (32, 32):
                 im.draft("RGB", (32, 32))  # JPEG: decode big photos at a reduced scale
-            if im.getexif().get(ORIENTATION, 1) != 1:  # a phone photo held upright
-                im = ImageOps.exif_transpose(im)
+            im = _upright(im)
             rgb = im if im.mode == "RGB" else _eight_bit(im).convert("RGB")
             if rgb.size != (32, 32):
                 rgb = rgb.resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=2.0)
