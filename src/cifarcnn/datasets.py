@@ -59,6 +59,10 @@ MAX_PIXELS = 8192 * 8192  # larger images are refused as likely decompression bo
 # 2: 16-bit grey decoded to its tones, not clipped (_eight_bit); photos turned upright
 CACHE_VERSION = "2"
 ORIENTATION = 0x0112  # the EXIF tag cameras set instead of rotating the pixels
+# PIL's EXIF parser warns of damaged blocks in photos that decode fine without them; set
+# once here, as catch_warnings is not thread-safe and images decode on a thread per core
+warnings.filterwarnings("ignore", message="(Corrupt EXIF data|Tag data larger than file)",
+                        category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 @dataclass
@@ -107,16 +111,14 @@ def _eight_bit(im: Image.Image) -> Image.Image:
 def _upright(im: Image.Image) -> Image.Image:
     """The image as a viewer shows it: cameras store a photo held upright sideways, with
     an EXIF orientation that says how to turn it. A damaged EXIF block (PIL's parser
-    warns, or raises struct, key and type errors) leaves the image as stored: the pixels
-    decode on their own and are still worth classifying."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            if im.getexif().get(ORIENTATION, 1) in (None, 1):
-                return im
-            return ImageOps.exif_transpose(im)
-        except Exception:
+    raises struct, key and type errors) leaves the image as stored: the pixels decode
+    on their own and are still worth classifying."""
+    try:
+        if im.getexif().get(ORIENTATION, 1) in (None, 1):
             return im
+        return ImageOps.exif_transpose(im)
+    except Exception:
+        return im
 
 
 def decode_image(data: bytes, name: str, hint: str = BAD_IMAGE_HINT) -> np.ndarray:
