@@ -148,11 +148,46 @@ def test_precision_on_a_cpu_without_bf16_hardware(monkeypatch):
     with pytest.warns(UserWarning, match="emulates it"):
         assert config.resolve_precision("bf16", "cpu") == "bf16"
     monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(config, "cpu_bf16_pays", lambda: True)
     assert config.resolve_precision("auto", "cpu") == "bf16"
+    # native bf16 that is slower than fp32 (an Intel Xeon without AMX): auto is fp32 there
+    monkeypatch.setattr(config, "cpu_bf16_pays", lambda: False)
+    assert config.resolve_precision("auto", "cpu") == "fp32"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert config.resolve_precision("bf16", "cpu") == "bf16"
         assert config.resolve_precision("fp32", "cpu") == "fp32"
+
+
+def test_bf16_pays_only_where_the_cpu_multiplies_it_faster(monkeypatch, tmp_path):
+    """The probe behind `--precision auto` on a CPU: no bf16 hardware, no bf16; AMX, bf16
+    untimed; otherwise the faster of the two timed products (here the timings are faked: the
+    first call of each pair is fp32's)."""
+    from cifarcnn import config
+
+    def probe(has_bf16: bool, cpuinfo: str, seconds: tuple[float, float] | None) -> bool:
+        monkeypatch.setattr(config, "cpu_has_bf16", lambda: has_bf16)
+        info = tmp_path / "cpuinfo"
+        info.write_text(cpuinfo)
+        monkeypatch.setattr(config, "CPUINFO", info)
+        timed = []
+        if seconds is not None:
+            monkeypatch.setattr(config, "_best_seconds",
+                                lambda fn, rounds: timed.append(fn) or seconds[len(timed) - 1])
+        config.cpu_bf16_pays.cache_clear()
+        try:
+            return config.cpu_bf16_pays()
+        finally:
+            config.cpu_bf16_pays.cache_clear()
+            assert len(timed) == (0 if seconds is None else 2)
+
+    assert not probe(False, "flags : avx2 fma", None)
+    assert probe(True, "flags : avx512f avx512_bf16 amx_bf16 amx_tile", None)
+    assert probe(True, "flags : avx512f avx512_bf16", (2.0e-3, 1.0e-3))  # AMD Zen 4/5
+    assert not probe(True, "flags : avx512f avx512_bf16", (3.0e-3, 5.5e-3))  # Xeon, no AMX
+    monkeypatch.undo()
+    config.cpu_bf16_pays.cache_clear()  # the real probe: never bf16 without the hardware
+    assert config.cpu_bf16_pays() <= config.cpu_has_bf16()
 
 
 def test_bad_config_values_are_clear_errors():

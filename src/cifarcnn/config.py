@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -367,6 +369,45 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _best_seconds(fn: Any, rounds: int) -> float:
+    fn()  # the first call picks and JIT-compiles the kernel: not timed
+    best = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def cpu_bf16_pays() -> bool:
+    """True where bf16 arithmetic is faster than fp32 on this CPU, measured once a process.
+
+    Native bf16 is not always the faster one: on the AMD Zen 4/5 of this project a core
+    issues one 512-bit bf16 dot product (64 FLOP) a cycle against one fp32 FMA (32 FLOP), but
+    on an Intel Xeon with AVX512-BF16 and no AMX it was the other way round (28.7 against
+    57.9 FLOP a cycle: `benchmarks/cpu_peak.py`), and the fast net's step took 2.53 s in bf16
+    against 1.88 s in fp32 (README, "A fourth CPU"). So the two products are timed (a
+    768-square matrix product each, best of 3 after a warm-up: ~50 ms in all); AMX
+    multiplies bf16 several times faster than fp32, so it needs no timing."""
+    if not cpu_has_bf16():
+        return False
+    try:
+        if "amx_bf16" in CPUINFO.read_text():
+            return True
+    except OSError:
+        pass
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(768, 768, generator=gen)
+    b16 = a.bfloat16()
+    fp32 = _best_seconds(lambda: a @ a, 3)
+    bf16 = _best_seconds(lambda: b16 @ b16, 3)
+    return bf16 < fp32
+
+
 def resolve_precision(name: str, device: str) -> str:
     """`auto` picks the fastest precision that keeps accuracy on the device."""
     if name not in PRECISIONS:
@@ -383,7 +424,7 @@ def resolve_precision(name: str, device: str) -> str:
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device == "cpu":
-        return "bf16" if cpu_has_bf16() else "fp32"
+        return "bf16" if cpu_bf16_pays() else "fp32"
     return "fp32"
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 # absolute: benchmarks/muon_step.py loads a copy of this file on its own, as a baseline
-from cifarcnn.config import cpu_has_bf16
+from cifarcnn.config import cpu_bf16_pays
 
 # Quintic Newton-Schulz coefficients tuned for speed over exactness (Jordan, 2024): three
 # iterations push every singular value into roughly [0.7, 1.2], which trains as well as
@@ -31,10 +31,11 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def ns_dtype(device: torch.device) -> torch.dtype:
-    """The iteration's dtype: bf16 where the device multiplies it in hardware (a GPU, a CPU
-    with AVX512-BF16 or AMX), else fp32. On an AVX2-only AMD EPYC, PyTorch's emulated bf16
-    products ran ~50x slower than fp32's, and the iteration took ~1.5 s of a 2 s step."""
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+    """The iteration's dtype: bf16 where the device multiplies it faster than fp32 (a GPU, a
+    CPU with AMX or AMD's AVX512-BF16: `config.cpu_bf16_pays`), else fp32. On an AVX2-only
+    AMD EPYC, PyTorch's emulated bf16 products ran ~50x slower than fp32's, and the
+    iteration took ~1.5 s of a 2 s step; on an Intel Xeon without AMX they ran at half."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_pays()):
         return torch.bfloat16
     return torch.float32
 
