@@ -4,12 +4,14 @@
         --weights paper-cnn fast --batches 1000 256 128 64 --images 5000
 
 Each weights' classifier (with its recipe's TTA; an export, .pt or .onnx,
-as it was exported) evaluates the first `--images` test images once per
-batch size, in `--rounds` interleaved rounds so that the machine's drift
+as it was exported) evaluates a fixed random sample of `--images` test
+images once per batch size, in `--rounds` interleaved rounds so that the machine's drift
 falls on every size alike, and the best time of each is printed with the
 images per second and the correct count: the count should not move with the
 batch, since each image is computed on its own. The evidence for
-`inference.CPU_EVAL_BATCH`.
+`inference.CPU_EVAL_BATCH`. `--precision fp32|bf16` serves safetensors weights
+in that precision instead of the one `cifarcnn.load` picks for the machine
+(`config.cpu_bf16_pays`): the evidence for that choice.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import time
 
 from cifarcnn import inference
-from cifarcnn.datasets import load_cifar10
+from cifarcnn.datasets import load_cifar10, sample
 from cifarcnn.errors import CifarError
 
 
@@ -31,17 +33,25 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--data")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     a = ap.parse_args()
     if min(a.batches) < 1 or a.images < 1 or a.rounds < 1:
         print("eval_batch.py: error: --batches, --images and --rounds must be at least 1",
               file=sys.stderr)
         return 2
     data = load_cifar10(a.data)
-    x, y = data.test_images[:a.images], data.test_labels[:a.images]
-    print("| weights | TTA | batch | best s | images/s | correct |")
-    print("|---|---|---:|---:|---:|---:|")
+    pick = sample(len(data.test_labels), a.images)  # the test set is sorted by class
+    x, y = data.test_images[pick], data.test_labels[pick]
+    print("| weights | TTA | precision | batch | best s | images/s | correct |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for weights in a.weights:
         clf = inference.load(weights, device=a.device)  # an export (.pt, .onnx) too
+        if a.precision != "auto":
+            if not hasattr(clf, "model"):
+                raise CifarError(f"--precision {a.precision}: {weights} is an export, which "
+                                 "computes as it was exported; leave --precision out")
+            clf.precision = a.precision
+        served = getattr(clf, "precision", "export")
         best: dict[int, float] = {}
         correct: dict[int, int] = {}
         saved = inference.CPU_EVAL_BATCH
@@ -57,8 +67,8 @@ def main() -> int:
         finally:
             inference.CPU_EVAL_BATCH = saved
         for b in a.batches:
-            print(f"| {weights} | {clf.tta} | {b} | {best[b]:.2f} | {len(x) / best[b]:,.0f} "
-                  f"| {correct[b]} |", flush=True)
+            print(f"| {weights} | {clf.tta} | {served} | {b} | {best[b]:.2f} "
+                  f"| {len(x) / best[b]:,.0f} | {correct[b]} |", flush=True)
     return 0
 
 

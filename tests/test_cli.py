@@ -523,13 +523,14 @@ def test_cpu_inference_runs_in_small_batches_with_the_same_answers(tmp_path, mon
     arc = python_archive(tmp_path / "cifar-10-python.tar.gz", *make_split(300))
     bench = ROOT / "benchmarks" / "eval_batch.py"
     r = subprocess.run([sys.executable, str(bench), "--data", str(arc), "--weights", "paper-cnn",
-                        "--batches", "300", "7", "--images", "300", "--rounds", "1"],
+                        "--batches", "300", "7", "--images", "300", "--rounds", "1",
+                        "--precision", "fp32"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines()
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in r.stdout.splitlines()
             if line.startswith("| paper-cnn")]
-    assert [row[2].strip() for row in rows] == ["300", "7"]
-    assert rows[0][5] == rows[1][5] and all(float(row[4].replace(",", "")) > 0 for row in rows)
+    assert [row[2:4] for row in rows] == [["fp32", "300"], ["fp32", "7"]]
+    assert rows[0][6] == rows[1][6] and all(float(row[5].replace(",", "")) > 0 for row in rows)
     r = subprocess.run([sys.executable, str(bench), "--batches", "0"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "at least 1" in r.stderr and "Traceback" not in r.stderr

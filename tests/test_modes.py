@@ -217,25 +217,31 @@ def test_an_int8_onnx_export_keeps_the_pixel_layers_in_fp32_and_its_metadata(tra
 
 @pytest.mark.slow
 def test_int8_is_checked_by_accuracy_and_refused_where_it_loses_it(real_data, tmp_path,
-                                                                   monkeypatch, capsys):
+                                                                   capsys):
     import cifarcnn
     from cifarcnn import export as export_mod
     from cifarcnn.cli import main
+    from cifarcnn.datasets import sample
 
     clf = cifarcnn.load("paper-cnn", device="cpu")
-    calib = real_data.train_images[:500]
-    images, labels = real_data.test_images[:1000], real_data.test_labels[:1000]
+    # samples of all classes: the JPEG copy stores its images sorted by class
+    calib = real_data.train_images[sample(len(real_data.train_labels), 500)]
+    pick = sample(len(real_data.test_labels), 1000)
+    images, labels = real_data.test_images[pick], real_data.test_labels[pick]
     r = export_mod.export(clf, "onnx", tmp_path / "ok.onnx", check_images=images,
                           check_labels=labels, int8_calibration=calib)
     assert r["accuracy"] >= r["accuracy_fp32"] - export_mod.INT8_MAX_DROP
     assert r["accuracy_fp32"] > 0.75 and r["same_top1"] > 0.95
-    # quantizing the pixel layers too loses ~13 points here: refused, nothing written
-    monkeypatch.setattr(export_mod, "pixel_layers", lambda graph: [])
+    # int8 runs in the CPU's inference batches (1.05-1.3x faster at 128), fp32 ONNX at 1,000
+    assert export_mod.load_exported(tmp_path / "ok.onnx").cpu_batches
+    # ranges calibrated on flat grey images clip every real one (26 points lost here,
+    # far past what CPUs' int8 kernels differ by; the pixel layers' loss, which the test
+    # once used, is AVX2's alone): refused, nothing written
+    grey = np.full_like(calib[:100], 128)
     with pytest.raises(CifarError, match=r"more than 1% below the fp32 graph's .*not written"):
         export_mod.export(clf, "onnx", tmp_path / "bad.onnx", check_images=images,
-                          check_labels=labels, int8_calibration=calib)
+                          check_labels=labels, int8_calibration=grey)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.onnx"]
-    monkeypatch.undo()
     assert main(["info", str(tmp_path / "ok.onnx")]) == 0
     assert "calibrated on 500 training images" in capsys.readouterr().out
     assert main(["export", "--weights", "paper-cnn", "--format", "torchscript", "--int8",

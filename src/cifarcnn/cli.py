@@ -478,7 +478,7 @@ def predictions_csv(probs: Any, labels: Any, classes: list[str]) -> str:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from .datasets import load_cifar10
+    from .datasets import load_cifar10, sample
     from .export import export, export_path
     from .inference import load
 
@@ -505,9 +505,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if not a.no_check or a.int8:
         data = load_cifar10(a.data, verbose=True)
         if not a.no_check:
-            images = data.test_images[:a.check_images]
+            # a fixed random sample, not the first N: the JPEG copy stores its test set
+            # sorted by class, so its first 2,000 are airplanes and cars only
+            pick = sample(len(data.test_labels), a.check_images)
+            images = data.test_images[pick]
         if not a.no_check and a.int8:  # int8 is checked by its accuracy
-            labels = model_labels(data, clf.classes, a.data)[:a.check_images]
+            labels = model_labels(data, clf.classes, a.data)[pick]
         if a.int8:
             from .datasets import balanced_subset
 

@@ -536,6 +536,16 @@ def load_cifar10(data: str | os.PathLike | None = None, download: bool = False,
 # -------------------------------------------------------------------------- subsets
 
 
+def sample(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of a fixed random sample of min(n, total) of `total` items (sorted).
+
+    For checks on "some test images": a prefix would do only for a shuffled set, and
+    the JPEG copy, like an image folder, stores its images grouped by class.
+    """
+    order = np.random.default_rng(seed).permutation(total)
+    return np.sort(order[:min(n, total)])
+
+
 def balanced_subset(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Indices of a fixed class-balanced subset of size n (sorted).
 

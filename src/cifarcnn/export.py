@@ -216,8 +216,9 @@ def quantize_onnx(path: Path, calibration: np.ndarray, meta: dict[str, Any],
     Weights per output channel in int8, activations in uint8 with ranges calibrated on
     `calibration` (uint8 NHWC images), as QuantizeLinear/DequantizeLinear pairs that
     ONNX Runtime fuses into int8 kernels. The layers that read the pixels stay fp32:
-    quantizing them cost 13 points of `paper-cnn`'s accuracy (the fast net's whitening:
-    28 points), the rest ~0 (README, "Execution modes and exports"). `meta`, the
+    on an AVX2 CPU quantizing them cost 13 points of `paper-cnn`'s accuracy (the fast
+    net's whitening: 28 points), on an AVX-512 VNNI one nothing, and a file runs on any
+    CPU (README, "Execution modes and exports"); the rest costs ~0. `meta`, the
     export's metadata, gains an "int8" entry (the calibration's size, the fp32 layers)
     and is written into the quantized graph.
     """
@@ -325,8 +326,9 @@ class Exported:
 
     def __init__(self, path: Path, meta: dict[str, Any], run, cpu_batches: bool) -> None:
         """`cpu_batches`: run in a CPU's inference batches (TorchScript: 1.9x faster at 128
-        than at 1,000, benchmarks/eval_batch.py), else in batches of 1,000 (ONNX Runtime,
-        which plans its own memory, ran 128 no faster)."""
+        than at 1,000, benchmarks/eval_batch.py; an int8 ONNX graph: 1.05x on an AVX2 CPU,
+        1.30x on an AVX-512 VNNI one), else in batches of 1,000 (ONNX Runtime's fp32 graph,
+        which plans its own memory, ran 128 no faster, 0.94x on the VNNI CPU)."""
         self.path = path
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
@@ -394,7 +396,7 @@ def load_exported(path: Path) -> Exported:
         except Exception as e:  # onnxruntime raises its own types
             raise CifarError(f"{path}: not a readable ONNX model ({e})") from None
         return Exported(path, meta, lambda x: session.run(None, {"images": x})[0],
-                        cpu_batches=False)
+                        cpu_batches="int8" in meta)
     files = {META_KEY: ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
