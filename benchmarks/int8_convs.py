@@ -16,13 +16,13 @@ instruction as bf16 ones (`vpdpbusd` against `vdpbf16ps`), and AVX2's
 
 For each of the recipe's convs (widths as `--model-arg widths`, maps as in
 a 32x32 step) the table gives the float conv's time, the int8 kernel's
-alone, and the int8 kernel plus quantizing its inputs with PyTorch's own
-operations (a min/max pass, then the quantizing pass, then the filters);
-the relative error is the int8 result's against the float one. A real int8
-path would fuse the quantizing into the kernel that writes the activation
-or the gradient (docs/fast-recipe.md, "A seventeenth round"), so the truth
-lies between the two int8 columns. Training accuracy with int8 products is
-a separate question, answered there with training runs.
+alone (its operands quantized and packed ahead), and the whole call that
+training makes with `--model-arg int8_positions=N` (`cifarcnn.int8`: a
+min/max pass, the rounding pass of native.cpp's kernel, the filters
+quantized and packed, the kernel); the relative error is that call's
+result against the float one. Training accuracy with int8 products is a
+separate question, answered with training runs (docs/fast-recipe.md, "A
+seventeenth round" and "A twenty-second round").
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from cifarcnn import int8
 from cifarcnn.config import resolve_precision
 from cifarcnn.models.fast import PATCH
 
@@ -61,34 +61,21 @@ def best_ms(fn: Callable[[], object], steps: int) -> float:
     return min(times) * 1e3
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """u8 with zero point 128 and one scale for the tensor: two passes over x."""
-    lo, hi = torch.aminmax(x)
-    scale = max(float(hi), -float(lo), 1e-30) / 127
-    with warnings.catch_warnings():  # PyTorch marks its quantized tensor types deprecated
-        warnings.simplefilter("ignore")
-        q = torch.quantize_per_tensor(x.float(), scale, 128, torch.quint8).int_repr()
-    return q, scale
-
-
-def quantize_filters(w: torch.Tensor, x_scale: float, x_shape: list[int]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """s8 filters, one scale per output channel, packed for oneDNN's kernel."""
-    w = w.float()
+def prepared(src: torch.Tensor, filters: torch.Tensor, symmetric: bool
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The int8 kernel alone: `src` quantized and the filters packed once, ahead of the
+    timing, as `cifarcnn.int8.conv3x3` does on every call."""
+    q, scale, zero = int8.quantize(src, symmetric)
+    w = filters.float()
     scales = (w.abs().amax((1, 2, 3)) / 127).clamp_min(1e-30)
-    q = torch.round(w / scales[:, None, None, None]).clamp_(-127, 127).to(torch.int8)
-    packed = torch.ops.onednn.qconv_prepack(q, scales, x_scale, 128, [1, 1], [1, 1], [1, 1], 1,
-                                            x_shape)
-    return packed, scales
+    qw = torch.round(w / scales[:, None, None, None]).clamp_(-127, 127).to(torch.int8)
+    packed = torch.ops.onednn.qconv_prepack(qw, scales, scale, zero, *int8.ARGS, list(src.shape))
+    zeros = torch.zeros(len(scales), dtype=torch.long)
 
-
-def int8_conv(qx: torch.Tensor, x_scale: float, packed: torch.Tensor, w_scales: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor:
-    """oneDNN's u8 x s8 3x3 conv (padding 1), written out as `out_dtype`."""
-    zero = torch.zeros(len(w_scales), dtype=torch.long)
-    return torch.ops.onednn.qconv2d_pointwise(qx, x_scale, 128, packed, w_scales, zero, None,
-                                              [1, 1], [1, 1], [1, 1], 1, 1.0, 0, out_dtype,
-                                              "none", [], "")
+    def run(out_dtype: torch.dtype) -> torch.Tensor:
+        return torch.ops.onednn.qconv2d_pointwise(q, scale, zero, packed, scales, zeros, None,
+                                                  *int8.ARGS, 1.0, 0, out_dtype, "none", [], "")
+    return run
 
 
 def measure(cin: int, cout: int, size: int, batch: int, dtype: torch.dtype, steps: int
@@ -107,21 +94,15 @@ def measure(cin: int, cout: int, size: int, batch: int, dtype: torch.dtype, step
 
     flipped = w.flip(2, 3).transpose(0, 1).contiguous()  # the input gradient's filters
     rows = []
-    for name, src, filters, reference in (("forward", x, w, lambda: F.conv2d(x, w, padding=1)),
-                                          ("input grad", g, flipped, input_grad)):
+    for name, src, filters, reference, whole, symmetric in (
+            ("forward", x, w, lambda: F.conv2d(x, w, padding=1),
+             partial(int8.conv3x3, x, w, dtype), False),
+            ("input grad", g, flipped, input_grad, partial(int8.input_grad, g, w, dtype), True)):
         float_ms = best_ms(reference, steps)
-        q, scale = quantize_activations(src)
-        packed, scales = quantize_filters(filters, scale, list(src.shape))
-        out = int8_conv(q, scale, packed, scales, dtype)
+        kernel = prepared(src, filters, symmetric)
         want = reference().float()
-        error = float((out.float() - want).norm() / want.norm())
-        kernel_ms = best_ms(partial(int8_conv, q, scale, packed, scales, dtype), steps)
-
-        def whole(src: torch.Tensor = src, filters: torch.Tensor = filters) -> torch.Tensor:
-            q, scale = quantize_activations(src)
-            packed, scales = quantize_filters(filters, scale, list(src.shape))
-            return int8_conv(q, scale, packed, scales, dtype)
-
+        error = float((whole().float() - want).norm() / want.norm())
+        kernel_ms = best_ms(partial(kernel, dtype), steps)
         rows.append((name, float_ms, kernel_ms, best_ms(whole, steps), error))
     return rows
 
@@ -143,7 +124,7 @@ def main() -> None:
         ap.error(f"--widths {a.widths}: give three positive integers, e.g. 48,192,256")
     if a.batch < 1 or a.threads < 1 or a.steps < 1:
         ap.error("--batch, --threads and --steps must be at least 1")
-    if not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+    if not int8.available():
         sys.exit("int8_convs: this PyTorch has no oneDNN int8 conv (torch.ops.onednn."
                  "qconv2d_pointwise); use a CPU build of torch 2.3 or later")
     torch.set_num_threads(a.threads)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from test_train import tiny_data
 
 import cifarcnn
-from cifarcnn import augment, modes, native
+from cifarcnn import augment, int8, modes, native
 from cifarcnn.config import TrainConfig
 from cifarcnn.errors import CifarError
 from cifarcnn.inference import TTA_VIEWS, Classifier
@@ -101,7 +101,7 @@ def test_folded_first_layer_is_the_whitening_then_the_first_conv():
     # output, and the first conv's filters the same gradient
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, 32, 32, generator=g)
-    m = build_model("fast", widths=[8, 16, 16], whiten_act=False)
+    m = build_model("fast", widths=[8, 16, 16], whiten_act=False, int8_positions=0)
     m.init_from_data(x)
     assert m.whiten.bias is None and m.whiten.out_channels == 3 * PATCH * PATCH
     conv1 = m.groups[0].conv1.weight
@@ -323,6 +323,127 @@ def test_dense_conv_only_on_maps_up_to_dense_positions():
     assert {c.dense_positions for c in m.modules() if isinstance(c, Conv3x3)} == {0}
     with pytest.raises(CifarError, match="dense_positions"):
         build_model("fast", dense_positions=-1)
+
+
+needs_int8 = pytest.mark.skipif(not int8.available(),
+                                reason="this PyTorch has no oneDNN int8 conv")
+
+
+@needs_int8
+def test_int8_conv_and_its_input_gradient_are_the_convs_to_int8_rounding():
+    """oneDNN's u8 x s8 kernel, fed by `int8.quantize`, gives conv2d's forward pass and
+    input gradient within 8-bit rounding (~1.5% relative here), in either format."""
+    torch.manual_seed(0)
+    args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    for cin, cout, size in ((16, 24, 7), (24, 8, 3), (5, 7, 1)):
+        x = F.gelu(torch.randn(6, cin, size, size))
+        w = torch.randn(cout, cin, 3, 3) * 0.1
+        g = torch.randn(6, cout, size, size)
+        want = F.conv2d(x, w, padding=1)
+        want_gx = torch.ops.aten.convolution_backward(g, x, w, None, *args,
+                                                      [True, False, False])[0]
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            got = int8.conv3x3(x.contiguous(memory_format=fmt), w, torch.float32)
+            got_gx = int8.input_grad(g.contiguous(memory_format=fmt), w, torch.float32)
+            for a, b in ((got, want), (got_gx, want_gx)):
+                assert a.shape == b.shape and a.dtype == torch.float32
+                assert 0 < float((a - b).norm() / b.norm()) < 0.03
+    # an asymmetric range keeps every level for a positive tensor; zero maps to itself
+    q, scale, zero = int8.quantize(torch.tensor([0.0, 1.0, 2.55]), symmetric=False)
+    assert q.tolist() == [0, 100, 255] and zero == 0 and scale == pytest.approx(0.01)
+    q, scale, zero = int8.quantize(torch.tensor([-1.27, 0.0, 0.5]), symmetric=True)
+    assert q.tolist() == [1, 128, 178] and zero == 128
+
+
+@needs_int8
+def test_int8_positions_quantizes_the_small_maps_training_passes_only():
+    """The convs on maps of at most `int8_positions` positions train on the int8 kernel
+    (forward pass and input gradient; the filter gradient stays float), the others and
+    every evaluation stay float, and a step's gradients stay those of the float net."""
+    torch.manual_seed(0)
+    float_net = build_model("fast", widths=[8, 16, 16], dense_positions=0,
+                            int8_positions=0).train()
+    net = build_model("fast", widths=[8, 16, 16], dense_positions=0, int8_positions=49).train()
+    net.load_state_dict(float_net.state_dict())
+    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    calls: list[tuple[int, ...]] = []
+    real = int8.conv3x3
+
+    def counted(t: torch.Tensor, *rest: object, **kw: object) -> torch.Tensor:
+        calls.append(tuple(t.shape[2:]))
+        return real(t, *rest, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int8, "conv3x3", counted)
+        mp.setattr(int8, "MIN_MACS", 0)  # these tiny convs would stay in float
+        out = net(x)
+        out.square().sum().backward()
+    # 32x32: the last three convs run on 7x7 and 3x3 maps, forward and input gradient each
+    assert sorted(calls) == sorted([(7, 7), (7, 7), (3, 3)] * 2)
+    ref = float_net(x)
+    ref.square().sum().backward()
+    assert float((out - ref).detach().norm() / ref.detach().norm()) < 0.05
+    for (name, p), q in zip(net.named_parameters(), float_net.parameters(), strict=True):
+        if p.grad is not None:
+            cos = F.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+            assert cos > 0.98, (name, float(cos))
+    calls.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int8, "conv3x3", counted)
+        net(x).sum().backward()
+    assert calls == []  # below int8.MIN_MACS the fixed cost of a call outweighs the kernel
+    net.load_state_dict(float_net.state_dict())  # the same BatchNorm statistics
+    net.eval(), float_net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), float_net(x))  # evaluation never quantizes
+    default = int8.EVERY if int8.pays() else 0  # where the CPU makes it pay
+    assert {c.int8_positions for c in build_model("fast", widths=[8, 16, 16]).modules()
+            if isinstance(c, Conv3x3)} == {default}
+    with pytest.raises(CifarError, match="int8_positions"):
+        build_model("fast", int8_positions=-1)
+
+
+def test_int8_is_the_default_only_with_int8_dot_products_where_fp32_is_the_float(
+        monkeypatch):
+    from cifarcnn import config
+
+    def pays(flags: set[str], amx: bool = False, bf16: bool = False) -> bool:
+        monkeypatch.setattr(native, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl",
+                                                          *flags})
+        monkeypatch.setattr(native, "cpu_supported", lambda: True)
+        monkeypatch.setattr(native, "has_amx", lambda: amx)
+        monkeypatch.setattr(config, "cpu_bf16_pays", lambda: bf16)
+        monkeypatch.setattr(int8, "available", lambda: True)
+        return int8.pays.__wrapped__()
+
+    assert pays({"avx512_vnni"}) and pays({"avx_vnni"})  # the Xeon of "A fourth CPU"
+    assert not pays(set())  # AVX2's Zen 3: no int8 dot products
+    assert not pays({"avx512_vnni"}, amx=True)  # AMX: bf16 is the measured path
+    assert not pays({"avx512_vnni"}, bf16=True)  # Zen 4/5: bf16 outruns fp32
+    monkeypatch.setattr(int8, "pays", lambda: True)
+    net = build_model("fast", widths=[8, 16, 16])
+    assert net.int8_positions == int8.EVERY == 31 * 31
+    assert build_model("fast", widths=[8, 16, 16], int8_positions=0).int8_positions == 0
+    monkeypatch.setattr(int8, "pays", lambda: False)
+    assert build_model("fast", widths=[8, 16, 16]).int8_positions == 0
+
+
+@needs_int8
+def test_a_training_run_on_int8_convs_says_so_and_records_it(tmp_path, monkeypatch, capsys):
+    from cifarcnn.weights import load_weights
+
+    monkeypatch.setattr(int8, "MIN_MACS", 0)  # the tiny net's convs too
+    for positions, note in ((int8.EVERY, True), (0, False)):
+        out = tmp_path / str(positions)
+        s = train(TrainConfig(model="fast", epochs=1, batch_size=100, precision="fp32",
+                              model_kwargs={"widths": [8, 16, 16],
+                                            "int8_positions": positions},
+                              tta="none", out=str(out)), data=tiny_data())
+        header = capsys.readouterr().out.splitlines()[0]
+        assert ("cpu fp32 + int8 convs" in header) == note, header
+        assert np.isfinite(s["train_accuracy"])
+        _, meta = load_weights(out / "weights.safetensors")
+        assert meta.get("int8_positions") == (positions if note else None)
 
 
 def test_weight_grad_fraction_reaches_every_conv_and_keeps_the_weights_format():

@@ -147,6 +147,35 @@ def test_the_kernels_im2col_gives_the_python_versions_numbers(ext, stock):
     assert not native.usable_for_im2col(g, x.contiguous())
 
 
+def test_the_int8_rounding_kernel_is_quantize_per_tensors_to_one_step_at_ties(ext, stock):
+    """native quantize_u8 rounds x / scale + zero to nearest and clamps to [0, 255] in x's
+    layout; int8.quantize takes it, and without it PyTorch's quantize_per_tensor, which
+    differs only where x / scale sits on a tie (a product against a quotient)."""
+    from cifarcnn import int8
+
+    torch.manual_seed(0)
+    for shape, dtype in (((6, 17, 5, 5), torch.float32), ((3, 8, 4, 7), torch.bfloat16),
+                         ((37,), torch.float32)):
+        x = (torch.randn(shape) * 3).to(dtype)
+        x = x.contiguous(memory_format=CL) if x.dim() == 4 else x
+        for symmetric in (True, False):
+            q, scale, zero = int8.quantize(x, symmetric)
+            assert q.dtype == torch.uint8 and q.stride() == x.stride()
+            want = torch.clamp(torch.round(x.double() / scale) + zero, 0, 255)
+            assert (q.double() - want).abs().max() <= 1
+            assert (q.double() != want).float().mean() < 0.01
+            stock()
+            q0, *_ = int8.quantize(x, symmetric)
+            native._ext = ext
+            assert (q.int() - q0.int()).abs().max() <= 1
+    # saturation at both ends, exact levels, zero kept at the zero point
+    x = torch.tensor([-10.0, -1.0, 0.0, 0.5, 1.0, 10.0])
+    assert ext.quantize_u8(x, 0.5, 4).tolist() == [0, 2, 4, 5, 6, 24]
+    assert ext.quantize_u8(x, 0.01, 128).tolist() == [0, 28, 128, 178, 228, 255]
+    with pytest.raises(RuntimeError, match="dense fp32 or bf16"):
+        ext.quantize_u8(x.double(), 0.5, 4)
+
+
 def test_a_constant_channel_and_a_nan_pass_through_as_pytorchs_do(ext):
     x = bf16_input((4, 16, 6, 6))
     x[:, 3] = 2.5  # variance 0: normalised to 0, GELU(bias)

@@ -469,8 +469,11 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     params = count_parameters(model)
     select_note = (f" | from epoch {cfg.select_from_epoch + 1}: the hardest "
                    f"{cfg.select_fraction:.0%}" if selecting else "")
+    # the fast net's int8 convs (a CPU default where they pay: models/fast.py) are named
+    int8_note = (" + int8 convs" if device == "cpu" and getattr(model, "int8_positions", 0)
+                 else "")
     log(f"{cfg.model}: {params:,} parameters | {n:,} train / {len(y_val):,} "
-        f"{'holdout' if cfg.holdout else 'test'} images | {device} {precision}"
+        f"{'holdout' if cfg.holdout else 'test'} images | {device} {precision}{int8_note}"
         f"{' channels_last' if cfg.channels_last else ''} | batch {bs}"
         f"{f' x {world.size} processes' if world.size > 1 else ''} | {cfg.epochs} epochs"
         f"{select_note} | run dir {run}")
@@ -648,6 +651,7 @@ def _run(cfg: TrainConfig, run: Path, data: CifarData, ckpt: dict[str, Any] | No
     last = history[-1]
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "classes": data.classes,
             "precision": precision, "channels_last": cfg.channels_last,
+            **({"int8_positions": model.int8_positions} if int8_note else {}),
             "eval_batch_size": cfg.eval_batch_size, "epochs": cfg.epochs, "seed": cfg.seed,
             "tta": cfg.tta, "val_accuracy": last["val_accuracy"],
             "val_accuracy_no_tta": last["val_accuracy_no_tta"], "mean": MEAN, "std": STD,

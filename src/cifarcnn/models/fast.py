@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import native
+from .. import int8, native
 
 RECIPE = {
     "epochs": 8,
@@ -125,18 +125,22 @@ class FilterGradConv(torch.autograd.Function):
     at 33% after epoch 2, with it at 49%, against 69% for the whole batch; both
     ended 2.4 points below it). `gemm`: the gradient comes from
     `im2col_filter_grad`'s matrix products, not oneDNN's kernel: the same sums in
-    another order.
+    another order. `quantized`: the forward pass and the input gradient run on
+    oneDNN's int8 kernel (`cifarcnn.int8`), the filter gradient in float.
     Under autocast the conv runs in the autocast dtype, as nn.Conv2d's would.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, keep: int,
-                gemm: bool) -> torch.Tensor:
+                gemm: bool, quantized: bool = False) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.save_for_backward(xc, wc)
         ctx.keep, ctx.gemm, ctx.dtypes = keep, gemm, (x.dtype, weight.dtype)
+        ctx.quantized = quantized
+        if quantized:
+            return int8.conv3x3(xc, weight, dtype)
         with torch.autocast(device, enabled=False):
             return F.conv2d(xc, wc, padding=1)
 
@@ -145,7 +149,9 @@ class FilterGradConv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, ...
         gx = gw = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.quantized:
+            gx = int8.input_grad(grad, w, ctx.dtypes[0])
+        elif ctx.needs_input_grad[0]:
             gx = torch.ops.aten.convolution_backward(grad, x, w, None, *args,
                                                      [True, False, False])[0]
             gx = gx.to(ctx.dtypes[0])
@@ -163,7 +169,7 @@ class FilterGradConv(torch.autograd.Function):
             gw = gw.to(ctx.dtypes[1])
             if k < len(x):
                 gw = gw * (len(x) / k)
-        return gx, gw, None, None
+        return gx, gw, None, None, None
 
 
 @functools.cache
@@ -244,15 +250,20 @@ class Conv3x3(nn.Conv2d):
     (eager and compiled runs; traced and scripted ones use the plain conv). On
     the CPU, maps of at most `dense_positions` positions run the whole conv as
     dense matrix products (DenseConv) in a training forward pass; that takes
-    precedence over the filter-gradient matrix products.
+    precedence over the filter-gradient matrix products. Maps of at most
+    `int8_positions` positions run the forward pass and the input gradient on
+    oneDNN's int8 kernel (where PyTorch has it, and the conv is big enough to pay:
+    `int8.worth`).
     """
 
     def __init__(self, cin: int, cout: int, weight_grad_fraction: float = 1.0,
-                 gemm_positions: int = 0, dense_positions: int = 0) -> None:
+                 gemm_positions: int = 0, dense_positions: int = 0,
+                 int8_positions: int = 0) -> None:
         super().__init__(cin, cout, 3, padding=1, bias=False)
         self.weight_grad_fraction = float(weight_grad_fraction)
         self.gemm_positions = int(gemm_positions)
         self.dense_positions = int(dense_positions)
+        self.int8_positions = int(int8_positions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training and self.weight.requires_grad
@@ -263,13 +274,15 @@ class Conv3x3(nn.Conv2d):
             if cpu and positions <= self.dense_positions and keep == x.shape[0]:
                 return self.dense(x)
             gemm = cpu and positions <= self.gemm_positions
-            if keep < x.shape[0] or gemm:
-                return self.custom(x, keep, gemm)
+            macs = x.shape[0] * positions * self.in_channels * self.out_channels * 9
+            quantized = cpu and positions <= self.int8_positions and int8.worth(macs)
+            if keep < x.shape[0] or gemm or quantized:
+                return self.custom(x, keep, gemm, quantized)
         return self._conv_forward(x, self.weight, self.bias)
 
     @torch.jit.unused
-    def custom(self, x: torch.Tensor, keep: int, gemm: bool) -> torch.Tensor:
-        return FilterGradConv.apply(x, self.weight, keep, gemm)
+    def custom(self, x: torch.Tensor, keep: int, gemm: bool, quantized: bool) -> torch.Tensor:
+        return FilterGradConv.apply(x, self.weight, keep, gemm, quantized)
 
     @torch.jit.unused
     def dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -352,7 +365,8 @@ class FastNet(nn.Module):
                  whiten_eps: float = 5e-4, whiten_act: bool = True,
                  whiten_dims: int = 0, extra_convs: tuple[int, int, int] = (0, 0, 0),
                  extra_residual: bool = False, weight_grad_fraction: float = 1.0,
-                 gemm_grad_positions: int = 49, dense_positions: int | None = None) -> None:
+                 gemm_grad_positions: int = 49, dense_positions: int | None = None,
+                 int8_positions: int | None = None) -> None:
         """`muon_momentum`, `ns_steps` (Newton-Schulz iterations) and `freeze_first_group`
         shape the groups `optimizer_groups` returns: they live here so `--model-arg`
         reaches them and the weights' metadata records them. `pool_first` (one flag per
@@ -381,7 +395,13 @@ class FastNet(nn.Module):
         last conv at 32x32 inputs, the last three at 16x16) on CPUs with AMX, where
         that was measured faster, and 4 elsewhere (2x2 and 1x1 maps, where the
         products do exactly the conv's multiply-adds; at 3x3 they do 1.65x as many,
-        which a CPU without AMX would pay for)."""
+        which a CPU without AMX would pay for).
+        `int8_positions`: on the CPU, convs on maps of at most that many positions run
+        their training forward pass and input gradient on oneDNN's int8 kernel
+        (`cifarcnn.int8`; 961: every conv of a 32x32 step; 49: its 7x7 and 3x3 maps; 0:
+        never). None, the default: 961 where `int8.pays()` (a CPU with int8 dot products
+        where fp32 is the faster float, as measured), 0 elsewhere. Evaluation stays in
+        float (docs/fast-recipe.md, "A twenty-second round")."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
@@ -426,10 +446,17 @@ class FastNet(nn.Module):
         if int(dense_positions) < 0:
             raise ValueError(f"dense_positions={dense_positions}: give a number of "
                              "positions >= 0 (0: never), e.g. 9")
+        if int8_positions is None:
+            int8_positions = int8.EVERY if int8.pays() else 0
+        self.int8_positions = int(int8_positions)
+        if int(int8_positions) < 0:
+            raise ValueError(f"int8_positions={int8_positions}: give a number of "
+                             "positions >= 0 (0: never), e.g. 49")
         for conv in self.groups.modules():
             if isinstance(conv, Conv3x3):
                 conv.gemm_positions = int(gemm_grad_positions)
                 conv.dense_positions = int(dense_positions)
+                conv.int8_positions = int(int8_positions)
         self.head = nn.Linear(w3, num_classes, bias=False)
         with torch.no_grad():
             self.head.weight /= self.head.weight.std()  # unit weights; forward divides by width

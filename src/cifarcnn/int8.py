@@ -1,0 +1,129 @@
+"""int8 3x3 convolutions for training on a CPU: oneDNN's u8 x s8 kernel through PyTorch.
+
+A training step's conv makes three products: the forward pass, the input gradient
+and the filter gradient. The first two are plain 3x3, padding-1 convolutions (the
+input gradient is the output gradient convolved with the filters flipped and their
+channel axes swapped), so oneDNN's int8 kernel can run them: u8 activations with one
+scale and zero point per tensor, s8 filters with one scale per output channel, the
+sums in int32, written out in the float precision. On CPUs with VNNI (`vpdpbusd`:
+four u8 x s8 products and their sum per 32-bit lane) that kernel ran the recipe's
+convs 1.8-3.6x faster than fp32, and 1.3-2.9x with the quantizing here
+(`benchmarks/int8_convs.py`, a Xeon without AMX, docs/fast-recipe.md "A twenty-second
+round"). The filter gradient
+stays in float: both its operands (the activations and the output gradient) would
+need a quantizing pass of their own, and oneDNN has no int8 filter-gradient kernel.
+
+Rounding is to nearest, per tensor for the activations (their minimum and maximum:
+after a GELU they are nearly all positive, so an asymmetric range keeps 8 bits for
+them) and symmetric for the output gradients (zero point 128). The backward pass is
+straight-through: each product's gradient is taken as if there were no rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from . import native
+
+ARGS = ([1, 1], [1, 1], [1, 1], 1)  # stride, padding, dilation, groups of a 3x3 conv
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this PyTorch has oneDNN's int8 conv (CPU builds of torch 2.3 and later)."""
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+# A call costs ~0.3 ms beyond its arithmetic (the filters' rounding and oneDNN's packing,
+# every call): at 71 million multiply-adds it ran 1.03 against fp32's 0.88 ms, at 1,062
+# million 7.1 against 13.1 (one-off timings, 2 threads). Smaller convs stay in float.
+MIN_MACS = 200_000_000
+EVERY = 961  # int8_positions that reaches every conv of a 32x32 step (the first: 31x31)
+
+
+@functools.cache
+def pays() -> bool:
+    """Whether the fast net trains its convs on the int8 kernel by default on this CPU.
+
+    Where it was measured: on the Xeon with VNNI and no AMX, where fp32 is the faster float
+    (`config.cpu_bf16_pays`), every conv on it made a step 0.71-0.79x as long and the
+    recipe 0.74x, for 0.11 points of accuracy over three seeds, about one seed's spread
+    (docs/fast-recipe.md, "A twenty-second round"). Where bf16
+    pays (AMX, the Zen 5) int8 has not been measured against it, and without int8 dot
+    products (AVX2) the kernel was barely faster than fp32 ("A seventeenth round"): off."""
+    from .config import cpu_bf16_pays  # here: config imports the models, which import this
+
+    flags = native.cpu_flags()
+    return (available() and native.cpu_supported() and bool({"avx512_vnni", "avx_vnni"} & flags)
+            and not native.has_amx() and not cpu_bf16_pays())
+
+
+def worth(macs: int) -> bool:
+    """Whether a conv of `macs` multiply-adds goes to the int8 kernel (where there is one)."""
+    return macs >= MIN_MACS and available()
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """x's elements as one vector in memory order: a view for a contiguous or channels_last
+    tensor (a copy otherwise). Reductions over it ran 10x faster than over the 4-d
+    channels_last tensor (torch.aminmax: 6.6 against 76 ms for 92 MB here)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
+
+
+def quantize(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, float, int]:
+    """x as u8 (its memory format kept), with the scale and zero point that map it back.
+
+    Asymmetric: the tensor's [min, max] (widened to hold 0) over 255 steps. Symmetric:
+    [-max|x|, max|x|], zero point 128, for signed tensors centred on 0 (gradients).
+    The rounding is one pass of native.cpp's kernel where it is built, PyTorch's
+    quantize_per_tensor (the same numbers, two passes) elsewhere.
+    """
+    lo, hi = (float(v) for v in torch.aminmax(flat(x)))
+    if symmetric:
+        scale, zero = max(hi, -lo, 1e-30) / 127, 128
+    else:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = max(hi - lo, 1e-30) / 255
+        zero = min(255, max(0, round(-lo / scale)))
+    ext = native.extension()
+    if (ext is not None and x.dtype in (torch.float32, torch.bfloat16)
+            and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
+                memory_format=torch.channels_last)))):
+        return ext.quantize_u8(x, scale, zero), scale, zero
+    with warnings.catch_warnings():  # PyTorch marks its quantized tensor types deprecated
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(x.float(), scale, zero, torch.quint8).int_repr()
+    return q, scale, zero
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,
+            symmetric: bool = False) -> torch.Tensor:
+    """conv2d(x, weight, padding=1) on the int8 kernel, in `out_dtype`.
+
+    x: (N, C, H, W), best channels_last; weight: (O, C, 3, 3), quantized per output
+    channel. The result carries no gradient: the callers' autograd Function does.
+    """
+    q, scale, zero = quantize(x, symmetric)
+    w = weight.detach().float()
+    w_scales = (w.abs().amax((1, 2, 3)) / 127).clamp_min(1e-30)
+    qw = torch.round(w / w_scales[:, None, None, None]).clamp_(-127, 127).to(torch.int8)
+    stride, padding, dilation, groups = ARGS
+    packed = torch.ops.onednn.qconv_prepack(qw, w_scales, scale, zero, stride, padding,
+                                            dilation, groups, list(x.shape))
+    w_zeros = torch.zeros(len(w_scales), dtype=torch.long)
+    return torch.ops.onednn.qconv2d_pointwise(q, scale, zero, packed, w_scales, w_zeros, None,
+                                              stride, padding, dilation, groups, 1.0, 0,
+                                              out_dtype, "none", [], "")
+
+
+def input_grad(grad: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype
+               ) -> torch.Tensor:
+    """The input gradient of conv2d(x, weight, padding=1) for the output gradient `grad`,
+    on the int8 kernel: a conv of `grad` with the flipped, transposed filters."""
+    flipped = weight.detach().flip(2, 3).transpose(0, 1)
+    return conv3x3(grad, flipped, out_dtype, symmetric=True)
