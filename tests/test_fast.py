@@ -330,9 +330,10 @@ needs_int8 = pytest.mark.skipif(not int8.available(),
 
 
 @needs_int8
-def test_int8_conv_and_its_input_gradient_are_the_convs_to_int8_rounding():
+def test_int8_conv_and_its_gradients_are_the_convs_to_int8_rounding():
     """oneDNN's u8 x s8 kernel, fed by `int8.quantize`, gives conv2d's forward pass and
-    input gradient within 8-bit rounding (~1.5% relative here), in either format."""
+    input gradient within 8-bit rounding (~1.5% relative here), in either format, and
+    torch._int_mm its filter gradient (the activations' zero point taken out)."""
     torch.manual_seed(0)
     args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     for cin, cout, size in ((16, 24, 7), (24, 8, 3), (5, 7, 1)):
@@ -340,12 +341,16 @@ def test_int8_conv_and_its_input_gradient_are_the_convs_to_int8_rounding():
         w = torch.randn(cout, cin, 3, 3) * 0.1
         g = torch.randn(6, cout, size, size)
         want = F.conv2d(x, w, padding=1)
-        want_gx = torch.ops.aten.convolution_backward(g, x, w, None, *args,
-                                                      [True, False, False])[0]
+        want_gx, want_gw = torch.ops.aten.convolution_backward(g, x, w, None, *args,
+                                                               [True, True, False])[:2]
         for fmt in (torch.contiguous_format, torch.channels_last):
-            got = int8.conv3x3(x.contiguous(memory_format=fmt), w, torch.float32)
-            got_gx = int8.input_grad(g.contiguous(memory_format=fmt), w, torch.float32)
-            for a, b in ((got, want), (got_gx, want_gx)):
+            xf, gf = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+            got = int8.conv3x3(xf, w, torch.float32)
+            got_gx = int8.input_grad(gf, w, torch.float32)
+            got_gw = int8.filter_grad(gf, xf)
+            # a chunk of one image at a time sums the same int32 products
+            torch.testing.assert_close(int8.filter_grad(gf, xf, chunk_bytes=1), got_gw)
+            for a, b in ((got, want), (got_gx, want_gx), (got_gw, want_gw)):
                 assert a.shape == b.shape and a.dtype == torch.float32
                 assert 0 < float((a - b).norm() / b.norm()) < 0.03
     # an asymmetric range keeps every level for a positive tensor; zero maps to itself
@@ -358,8 +363,8 @@ def test_int8_conv_and_its_input_gradient_are_the_convs_to_int8_rounding():
 @needs_int8
 def test_int8_positions_quantizes_the_small_maps_training_passes_only():
     """The convs on maps of at most `int8_positions` positions train on the int8 kernel
-    (forward pass and input gradient; the filter gradient stays float), the others and
-    every evaluation stay float, and a step's gradients stay those of the float net."""
+    (forward pass and input gradient, and on maps up to 7x7 the filter gradient), the
+    others and every evaluation stay float, and a step's gradients stay the float net's."""
     torch.manual_seed(0)
     float_net = build_model("fast", widths=[8, 16, 16], dense_positions=0,
                             int8_positions=0).train()
@@ -373,13 +378,22 @@ def test_int8_positions_quantizes_the_small_maps_training_passes_only():
         calls.append(tuple(t.shape[2:]))
         return real(t, *rest, **kw)
 
+    grads: list[tuple[int, ...]] = []
+    real_grad = int8.filter_grad
+
+    def counted_grad(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        grads.append(tuple(t.shape[2:]))
+        return real_grad(g, t)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int8, "conv3x3", counted)
+        mp.setattr(int8, "filter_grad", counted_grad)
         mp.setattr(int8, "MIN_MACS", 0)  # these tiny convs would stay in float
         out = net(x)
         out.square().sum().backward()
     # 32x32: the last three convs run on 7x7 and 3x3 maps, forward and input gradient each
     assert sorted(calls) == sorted([(7, 7), (7, 7), (3, 3)] * 2)
+    assert sorted(grads) == [(3, 3), (7, 7), (7, 7)]
     ref = float_net(x)
     ref.square().sum().backward()
     assert float((out - ref).detach().norm() / ref.detach().norm()) < 0.05

@@ -9,9 +9,9 @@ sums in int32, written out in the float precision. On CPUs with VNNI (`vpdpbusd`
 four u8 x s8 products and their sum per 32-bit lane) that kernel ran the recipe's
 convs 1.8-3.6x faster than fp32, and 1.3-2.9x with the quantizing here
 (`benchmarks/int8_convs.py`, a Xeon without AMX, docs/fast-recipe.md "A twenty-second
-round"). The filter gradient
-stays in float: both its operands (the activations and the output gradient) would
-need a quantizing pass of their own, and oneDNN has no int8 filter-gradient kernel.
+round"). oneDNN has no int8 filter-gradient conv; on maps up to 7x7 the filter
+gradient is an s8 x s8 matrix product instead (`filter_grad`, torch._int_mm), and in
+float on the larger maps, where its im2col copy costs more than the product saves.
 
 Rounding is to nearest, per tensor for the activations (their minimum and maximum:
 after a GELU they are nearly all positive, so an asymmetric range keeps 8 bits for
@@ -25,6 +25,7 @@ import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import native
 
@@ -33,8 +34,10 @@ ARGS = ([1, 1], [1, 1], [1, 1], 1)  # stride, padding, dilation, groups of a 3x3
 
 @functools.cache
 def available() -> bool:
-    """Whether this PyTorch has oneDNN's int8 conv (CPU builds of torch 2.3 and later)."""
-    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+    """Whether this PyTorch has oneDNN's int8 conv and int8 matrix product (CPU builds of
+    torch 2.3 and later)."""
+    return (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+            and hasattr(torch, "_int_mm"))
 
 
 # A call costs ~0.3 ms beyond its arithmetic (the filters' rounding and oneDNN's packing,
@@ -42,6 +45,10 @@ def available() -> bool:
 # million 7.1 against 13.1 (one-off timings, 2 threads). Smaller convs stay in float.
 MIN_MACS = 200_000_000
 EVERY = 961  # int8_positions that reaches every conv of a 32x32 step (the first: 31x31)
+# The filter gradient goes to torch._int_mm on maps up to this size (7x7): 0.5-0.75x
+# fp32's time there, but slower on the 15x15 and 31x31 maps, where the im2col copy
+# outgrows the product (one-off timings, docs/fast-recipe.md "A twenty-third round").
+FILTER_GRAD_POSITIONS = 49
 
 
 @functools.cache
@@ -127,3 +134,37 @@ def input_grad(grad: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype
     on the int8 kernel: a conv of `grad` with the flipped, transposed filters."""
     flipped = weight.detach().flip(2, 3).transpose(0, 1)
     return conv3x3(grad, flipped, out_dtype, symmetric=True)
+
+
+def filter_grad(grad: torch.Tensor, x: torch.Tensor, chunk_bytes: int = 32 << 20
+                ) -> torch.Tensor:
+    """The filter gradient of conv2d(x, weight, padding=1) for the output gradient `grad`,
+    in fp32, from s8 x s8 matrix products (torch._int_mm; VNNI on x86).
+
+    Both operands are quantized per tensor (`quantize`; the u8 levels less 128 are the s8
+    ones), x's im2col matrix (positions, 9 x channels) is built in s8 with its zero point
+    past the border (the level of 0.0), and grad's transpose times it gives the sums; the
+    activations' zero point comes out of them as zero point x grad's column sums. The
+    batch goes in chunks whose matrix fits in `chunk_bytes`; each chunk's int32 sums
+    (at most 127 x 127 x its positions) are scaled to fp32 and added.
+    """
+    n, c, h, w = x.shape
+    o = grad.shape[1]
+    qx, sx, zx = quantize(x, symmetric=False)
+    qg, sg, _ = quantize(grad, symmetric=True)
+    pad = zx - 128  # 0.0's level in s8
+    xs = torch.bitwise_xor(qx, 128).view(torch.int8).permute(0, 2, 3, 1)  # (n, H, W, C)
+    gs = torch.bitwise_xor(qg, 128).view(torch.int8).permute(0, 2, 3, 1)
+    step = max(1, chunk_bytes // (h * w * 9 * c))
+    total = torch.zeros(o, 9 * c)
+    for i in range(0, n, step):
+        padded = F.pad(xs[i:i + step], (0, 0, 1, 1, 1, 1), value=pad)  # (n, H+2, W+2, C)
+        sn, sh, sw, sc = padded.stride()
+        cols = padded.as_strided((len(padded), h, w, 3, 3, c),
+                                 (sn, sh, sw, sh, sw, sc)).reshape(-1, 9 * c)
+        gt = gs[i:i + step].reshape(-1, o).t().contiguous()  # (O, positions)
+        sums = torch._int_mm(gt, cols)
+        sums -= pad * gt.sum(1, dtype=torch.int32)[:, None]
+        total += sums.float()
+    total *= sx * sg
+    return total.view(o, 3, 3, c).permute(0, 3, 1, 2)

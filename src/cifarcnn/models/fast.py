@@ -126,7 +126,8 @@ class FilterGradConv(torch.autograd.Function):
     ended 2.4 points below it). `gemm`: the gradient comes from
     `im2col_filter_grad`'s matrix products, not oneDNN's kernel: the same sums in
     another order. `quantized`: the forward pass and the input gradient run on
-    oneDNN's int8 kernel (`cifarcnn.int8`), the filter gradient in float.
+    oneDNN's int8 kernel (`cifarcnn.int8`), and on maps up to 7x7 the filter
+    gradient on int8 matrix products (`int8.filter_grad`); larger maps' in float.
     Under autocast the conv runs in the autocast dtype, as nn.Conv2d's would.
     """
 
@@ -161,7 +162,9 @@ class FilterGradConv(torch.autograd.Function):
             if k < len(x):
                 part, xs = grad[:k], x[:k]
                 part = part - part.mean((0, 2, 3), keepdim=True)
-            if ctx.gemm:
+            if ctx.quantized and xs.shape[2] * xs.shape[3] <= int8.FILTER_GRAD_POSITIONS:
+                gw = int8.filter_grad(part, xs)
+            elif ctx.gemm:
                 gw = im2col_filter_grad(part, xs)
             else:
                 gw = torch.ops.aten.convolution_backward(part, xs, w, None, *args,
