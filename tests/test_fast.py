@@ -333,7 +333,8 @@ needs_int8 = pytest.mark.skipif(not int8.available(),
 def test_int8_conv_and_its_gradients_are_the_convs_to_int8_rounding():
     """oneDNN's u8 x s8 kernel, fed by `int8.quantize`, gives conv2d's forward pass and
     input gradient within 8-bit rounding (~1.5% relative here), in either format, and
-    torch._int_mm its filter gradient (the activations' zero point taken out)."""
+    torch._int_mm its filter gradient (the activations' zero point taken out, the output
+    gradient rounded stochastically)."""
     torch.manual_seed(0)
     args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
     for cin, cout, size in ((16, 24, 7), (24, 8, 3), (5, 7, 1)):
@@ -347,9 +348,15 @@ def test_int8_conv_and_its_gradients_are_the_convs_to_int8_rounding():
             xf, gf = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
             got = int8.conv3x3(xf, w, torch.float32)
             got_gx = int8.input_grad(gf, w, torch.float32)
+            torch.manual_seed(1)  # the output gradient's rounding is stochastic
             got_gw = int8.filter_grad(gf, xf)
             # a chunk of one image at a time sums the same int32 products
+            torch.manual_seed(1)
             torch.testing.assert_close(int8.filter_grad(gf, xf, chunk_bytes=1), got_gw)
+            # x's levels handed over, as a training step's forward pass does: the same
+            torch.manual_seed(1)
+            torch.testing.assert_close(
+                int8.filter_grad(gf, None, qx=int8.quantize(xf, symmetric=False)), got_gw)
             for a, b in ((got, want), (got_gx, want_gx), (got_gw, want_gw)):
                 assert a.shape == b.shape and a.dtype == torch.float32
                 assert 0 < float((a - b).norm() / b.norm()) < 0.03
@@ -363,7 +370,7 @@ def test_int8_conv_and_its_gradients_are_the_convs_to_int8_rounding():
 @needs_int8
 def test_int8_positions_quantizes_the_small_maps_training_passes_only():
     """The convs on maps of at most `int8_positions` positions train on the int8 kernel
-    (forward pass and input gradient, and on maps up to 7x7 the filter gradient), the
+    (forward pass and input gradient, and on maps up to 11x11 the filter gradient), the
     others and every evaluation stay float, and a step's gradients stay the float net's."""
     torch.manual_seed(0)
     float_net = build_model("fast", widths=[8, 16, 16], dense_positions=0,
@@ -381,9 +388,10 @@ def test_int8_positions_quantizes_the_small_maps_training_passes_only():
     grads: list[tuple[int, ...]] = []
     real_grad = int8.filter_grad
 
-    def counted_grad(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        grads.append(tuple(t.shape[2:]))
-        return real_grad(g, t)
+    def counted_grad(g: torch.Tensor, t: None, qx: int8.Quantized) -> torch.Tensor:
+        assert t is None and qx[0].dtype == torch.uint8  # the forward pass's levels, kept
+        grads.append(tuple(qx[0].shape[2:]))
+        return real_grad(g, t, qx=qx)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(int8, "conv3x3", counted)
@@ -951,7 +959,9 @@ def test_muon_step_benchmark_times_each_orthogonalisation():
     rows = {line.split()[0]: [float(v) for v in line.split()[-2:]]
             for line in r.stdout.splitlines()[1:]}
     assert set(rows) == {"per-matrix", "stacked", "baseline"}
-    assert all(0 < opt < whole for opt, whole in rows.values())  # the step includes the optimizer
+    # both timed, apart: on a busy machine the optimizer alone has come out slower than the
+    # whole step at this toy size, so only that each is a real time is asserted
+    assert all(0 < opt < 60e3 and 0 < whole < 60e3 for opt, whole in rows.values())
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "muon_step.py"),
                         "--baseline", "no-such-optim.py"], capture_output=True, text=True)
     assert r.returncode == 2 and "no such Python file" in r.stderr

@@ -176,6 +176,46 @@ def test_the_int8_rounding_kernel_is_quantize_per_tensors_to_one_step_at_ties(ex
         ext.quantize_u8(x.double(), 0.5, 4)
 
 
+def test_the_stochastic_int8_rounding_is_unbiased_bounded_and_seeded(ext, stock):
+    """int8.quantize_stochastic (native quantize_s8_stochastic, or PyTorch without it)
+    rounds each x / scale down or up, up with probability its fraction: the mean level of
+    a constant is the constant, where rounding to nearest would give 0 for all under half
+    a step; levels stay in [-127, 127] in x's layout; a seed fixes them, whatever the
+    threads; and the two paths agree in distribution."""
+    from cifarcnn import int8
+
+    x = torch.cat([torch.full((1 << 18,), 0.3), torch.full((1 << 18,), -2.7),
+                   torch.tensor([127.0])])  # max|x| 127: one step is 1.0
+    for path in ("native", "stock"):
+        if path == "stock":
+            stock()
+        torch.manual_seed(0)
+        q, scale = int8.quantize_stochastic(x)
+        assert q.dtype == torch.int8 and scale == pytest.approx(1.0)
+        low, high = q[: 1 << 18].float(), q[1 << 18:-1].float()
+        assert set(low.unique().tolist()) == {0.0, 1.0}
+        assert low.mean() == pytest.approx(0.3, abs=0.01)
+        assert set(high.unique().tolist()) == {-3.0, -2.0}
+        assert high.mean() == pytest.approx(-2.7, abs=0.01) and int(q[-1]) == 127
+        torch.manual_seed(0)
+        assert torch.equal(int8.quantize_stochastic(x)[0], q)  # the seed repeats it
+        native._ext = ext
+    g = (torch.randn(4, 16, 5, 5) * 3).contiguous(memory_format=CL)
+    q, scale = int8.quantize_stochastic(g)
+    assert q.stride() == g.stride() and int(q.abs().max()) <= 127
+    assert ((q.float() * scale - g).abs() < scale * (1 + 1e-5)).all()  # within one step
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.quantize_s8_stochastic(x, 1.0, 7)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ext.quantize_s8_stochastic(x, 1.0, 7), one)
+    assert not torch.equal(ext.quantize_s8_stochastic(x, 1.0, 8), one)
+    with pytest.raises(RuntimeError, match="dense fp32 or bf16"):
+        ext.quantize_s8_stochastic(x.double(), 1.0, 7)
+
+
 def test_a_constant_channel_and_a_nan_pass_through_as_pytorchs_do(ext):
     x = bf16_input((4, 16, 6, 6))
     x[:, 3] = 2.5  # variance 0: normalised to 0, GELU(bias)

@@ -161,8 +161,8 @@ def test_precision_on_a_cpu_without_bf16_hardware(monkeypatch):
 
 def test_bf16_pays_only_where_the_cpu_multiplies_it_faster(monkeypatch, tmp_path):
     """The probe behind `--precision auto` on a CPU: no bf16 hardware, no bf16; AMX, bf16
-    untimed; otherwise the faster of the two timed products (here the timings are faked: the
-    first call of each pair is fp32's)."""
+    untimed; otherwise bf16 only where its timed product is clearly the faster (here the
+    timings are faked: fp32's first, bf16's second)."""
     from cifarcnn import config
 
     def probe(has_bf16: bool, cpuinfo: str, seconds: tuple[float, float] | None) -> bool:
@@ -172,20 +172,24 @@ def test_bf16_pays_only_where_the_cpu_multiplies_it_faster(monkeypatch, tmp_path
         monkeypatch.setattr(config, "CPUINFO", info)
         timed = []
         if seconds is not None:
-            monkeypatch.setattr(config, "_best_seconds",
-                                lambda fn, rounds: timed.append(fn) or seconds[len(timed) - 1])
+            monkeypatch.setattr(config, "_paired_best",
+                                lambda fp32, bf16, rounds: timed.append(rounds) or seconds)
         config.cpu_bf16_pays.cache_clear()
         try:
             return config.cpu_bf16_pays()
         finally:
             config.cpu_bf16_pays.cache_clear()
-            assert len(timed) == (0 if seconds is None else 2)
+            assert len(timed) == (0 if seconds is None else 1)
 
     assert not probe(False, "flags : avx2 fma", None)
     assert probe(True, "flags : avx512f avx512_bf16 amx_bf16 amx_tile", None)
     assert probe(True, "flags : avx512f avx512_bf16", (2.0e-3, 1.0e-3))  # AMD Zen 4/5
     assert not probe(True, "flags : avx512f avx512_bf16", (3.0e-3, 5.5e-3))  # Xeon, no AMX
+    assert not probe(True, "flags : avx512f avx512_bf16", (3.0e-3, 2.7e-3))  # a near tie
     monkeypatch.undo()
+    calls = []
+    seconds = config._paired_best(lambda: calls.append("a"), lambda: calls.append("b"), 3)
+    assert calls == ["a", "b"] * 4 and all(0 <= s < 1 for s in seconds)  # warm-up, then in turn
     config.cpu_bf16_pays.cache_clear()  # the real probe: never bf16 without the hardware
     assert config.cpu_bf16_pays() <= config.cpu_has_bf16()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +46,11 @@ def available() -> bool:
 # million 7.1 against 13.1 (one-off timings, 2 threads). Smaller convs stay in float.
 MIN_MACS = 200_000_000
 EVERY = 961  # int8_positions that reaches every conv of a 32x32 step (the first: 31x31)
-# The filter gradient goes to torch._int_mm on maps up to this size (7x7): 0.5-0.75x
-# fp32's time there, but slower on the 15x15 and 31x31 maps, where the im2col copy
-# outgrows the product (one-off timings, docs/fast-recipe.md "A twenty-third round").
-FILTER_GRAD_POSITIONS = 49
+# The filter gradient goes to torch._int_mm on maps up to this size (11x11): 0.25-0.55x
+# oneDNN's fp32 time there, but slower on the 15x15 and 31x31 maps, where the im2col
+# copy and the quantizing outgrow the product (one-off timings, docs/fast-recipe.md "A
+# twenty-third round").
+FILTER_GRAD_POSITIONS = 121
 
 
 @functools.cache
@@ -82,6 +84,15 @@ def flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1)
 
 
+def _native_for(x: torch.Tensor) -> Any:
+    """native.cpp's extension where its rounding kernels take x (fp32 or bf16, dense in
+    the standard or channels_last order: they walk the memory flat), else None."""
+    ext = native.extension()
+    dense = (x.is_contiguous()
+             or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))
+    return ext if ext is not None and x.dtype in (torch.float32, torch.bfloat16) and dense else None
+
+
 def quantize(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, float, int]:
     """x as u8 (its memory format kept), with the scale and zero point that map it back.
 
@@ -97,10 +108,8 @@ def quantize(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, float, int
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         scale = max(hi - lo, 1e-30) / 255
         zero = min(255, max(0, round(-lo / scale)))
-    ext = native.extension()
-    if (ext is not None and x.dtype in (torch.float32, torch.bfloat16)
-            and (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(
-                memory_format=torch.channels_last)))):
+    ext = _native_for(x)
+    if ext is not None:
         return ext.quantize_u8(x, scale, zero), scale, zero
     with warnings.catch_warnings():  # PyTorch marks its quantized tensor types deprecated
         warnings.simplefilter("ignore")
@@ -108,14 +117,33 @@ def quantize(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, float, int
     return q, scale, zero
 
 
+Quantized = tuple[torch.Tensor, float, int]  # `quantize`'s levels, scale and zero point
+
+
+def quantize_stochastic(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """x as s8 levels in [-127, 127] (memory format kept) and their scale, max|x| / 127,
+    each rounded down or up at random, up with probability its fraction: unbiased, where
+    rounding to nearest zeroes everything under half a step (`filter_grad` says why that
+    matters). The draws come from PyTorch's global generator, so a seeded run repeats;
+    one pass of native.cpp's kernel where it is built, three of PyTorch's elsewhere."""
+    lo, hi = (float(v) for v in torch.aminmax(flat(x)))  # 6x faster than abs().amax()
+    scale = max(hi, -lo, 1e-30) / 127
+    ext = _native_for(x)
+    if ext is not None:
+        return ext.quantize_s8_stochastic(x, scale, int(torch.randint(0, 1 << 31, ()))), scale
+    noise = torch.rand_like(x, dtype=torch.float32)
+    return torch.floor(x.float() / scale + noise).clamp_(-127, 127).to(torch.int8), scale
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,
-            symmetric: bool = False) -> torch.Tensor:
+            symmetric: bool = False, q: Quantized | None = None) -> torch.Tensor:
     """conv2d(x, weight, padding=1) on the int8 kernel, in `out_dtype`.
 
     x: (N, C, H, W), best channels_last; weight: (O, C, 3, 3), quantized per output
-    channel. The result carries no gradient: the callers' autograd Function does.
+    channel; `q`: x already quantized (the filter gradient reuses the same levels).
+    The result carries no gradient: the callers' autograd Function does.
     """
-    q, scale, zero = quantize(x, symmetric)
+    q, scale, zero = quantize(x, symmetric) if q is None else q
     w = weight.detach().float()
     w_scales = (w.abs().amax((1, 2, 3)) / 127).clamp_min(1e-30)
     qw = torch.round(w / w_scales[:, None, None, None]).clamp_(-127, 127).to(torch.int8)
@@ -128,33 +156,38 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,
                                               out_dtype, "none", [], "")
 
 
-def input_grad(grad: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype
-               ) -> torch.Tensor:
+def input_grad(grad: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype,
+               q: Quantized | None = None) -> torch.Tensor:
     """The input gradient of conv2d(x, weight, padding=1) for the output gradient `grad`,
-    on the int8 kernel: a conv of `grad` with the flipped, transposed filters."""
+    on the int8 kernel: a conv of `grad` with the flipped, transposed filters (`q`:
+    grad already quantized, symmetric)."""
     flipped = weight.detach().flip(2, 3).transpose(0, 1)
-    return conv3x3(grad, flipped, out_dtype, symmetric=True)
+    return conv3x3(grad, flipped, out_dtype, symmetric=True, q=q)
 
 
-def filter_grad(grad: torch.Tensor, x: torch.Tensor, chunk_bytes: int = 32 << 20
-                ) -> torch.Tensor:
+def filter_grad(grad: torch.Tensor, x: torch.Tensor | None, chunk_bytes: int = 32 << 20,
+                qx: Quantized | None = None) -> torch.Tensor:
     """The filter gradient of conv2d(x, weight, padding=1) for the output gradient `grad`,
     in fp32, from s8 x s8 matrix products (torch._int_mm; VNNI on x86).
 
-    Both operands are quantized per tensor (`quantize`; the u8 levels less 128 are the s8
-    ones), x's im2col matrix (positions, 9 x channels) is built in s8 with its zero point
-    past the border (the level of 0.0), and grad's transpose times it gives the sums; the
-    activations' zero point comes out of them as zero point x grad's column sums. The
-    batch goes in chunks whose matrix fits in `chunk_bytes`; each chunk's int32 sums
-    (at most 127 x 127 x its positions) are scaled to fp32 and added.
+    Both operands are quantized per tensor: x as the forward pass does (`quantize`; its u8
+    levels less 128 are the s8 ones), grad symmetric and stochastically rounded
+    (`quantize_stochastic`): rounded to nearest, the many gradients under half a step all
+    became 0, and the recipe trained to 2 points less (docs/fast-recipe.md, "A
+    twenty-third round"). x's im2col matrix (positions, 9 x channels) is built in s8 with
+    its zero point past the border (the level of 0.0), and grad's transpose times it gives
+    the sums; the activations' zero point comes out of them as zero point x grad's column
+    sums. The batch goes in chunks whose matrix fits in `chunk_bytes`; each chunk's int32
+    sums (at most 128 x 127 x its positions) are scaled to fp32 and added. `qx`: x
+    already quantized (then `x` may be None), as the forward pass did: not done twice.
     """
-    n, c, h, w = x.shape
-    o = grad.shape[1]
-    qx, sx, zx = quantize(x, symmetric=False)
-    qg, sg, _ = quantize(grad, symmetric=True)
+    qx, sx, zx = quantize(x, symmetric=False) if qx is None else qx
+    gs, sg = quantize_stochastic(grad)
+    n, c, h, w = qx.shape
+    o = gs.shape[1]
     pad = zx - 128  # 0.0's level in s8
     xs = torch.bitwise_xor(qx, 128).view(torch.int8).permute(0, 2, 3, 1)  # (n, H, W, C)
-    gs = torch.bitwise_xor(qg, 128).view(torch.int8).permute(0, 2, 3, 1)
+    gs = gs.permute(0, 2, 3, 1)  # (n, H, W, O): channels_last's memory order
     step = max(1, chunk_bytes // (h * w * 9 * c))
     total = torch.zeros(o, 9 * c)
     for i in range(0, n, step):
@@ -162,9 +195,11 @@ def filter_grad(grad: torch.Tensor, x: torch.Tensor, chunk_bytes: int = 32 << 20
         sn, sh, sw, sc = padded.stride()
         cols = padded.as_strided((len(padded), h, w, 3, 3, c),
                                  (sn, sh, sw, sh, sw, sc)).reshape(-1, 9 * c)
-        gt = gs[i:i + step].reshape(-1, o).t().contiguous()  # (O, positions)
-        sums = torch._int_mm(gt, cols)
-        sums -= pad * gt.sum(1, dtype=torch.int32)[:, None]
+        g = gs[i:i + step].reshape(-1, o)  # (positions, O)
+        # its transpose as a view: the product ran as fast on it as on a transposed copy,
+        # which cost more than the product itself at 15x15 (77 against 48 ms)
+        sums = torch._int_mm(g.t(), cols)
+        sums -= pad * g.sum(0, dtype=torch.int32)[:, None]
         total += sums.float()
     total *= sx * sg
     return total.view(o, 3, 3, c).permute(0, 3, 1, 2)

@@ -413,11 +413,28 @@ torch::Tensor im2col_filter_grad(torch::Tensor grad, torch::Tensor x, int64_t ch
   return total;
 }
 
+// Calls body(i, mask, values) for x's elements i .. i + 15 in memory order (fp32 or bf16,
+// dense; the mask covers the last, short block), the blocks spread over the threads: the
+// loop both rounding kernels below share.
+template <class Body>
+void each_16_floats(const torch::Tensor& x, Body&& body) {
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const float* XF = bf16 ? nullptr : x.data_ptr<float>();
+  const u16* XB = bf16 ? reinterpret_cast<const u16*>(x.data_ptr()) : nullptr;
+  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i += 16) {
+      const __mmask16 k = lanes_left(e - i);
+      body(i, k, bf16 ? load_bf16(k, XB + i) : _mm512_maskz_loadu_ps(k, XF + i));
+    }
+  });
+}
+
 // x * (1 / scale), rounded to nearest (even on ties), plus zero, clamped to [0, 255], as
 // uint8 with x's strides: cifarcnn/int8.py's activations and gradients. PyTorch's
 // quantize_per_tensor gives the same levels but for one step where the two roundings of
-// x / scale fall either side of a tie (tested). One pass, against PyTorch's two (quantize_per_tensor writes a
-// quantized tensor, int_repr copies it out: 25 + 30 ms for a 185 MB gradient here).
+// x / scale fall either side of a tie (tested). One pass, against PyTorch's two
+// (quantize_per_tensor writes a quantized tensor, int_repr copies it out: 25 + 30 ms for a
+// 185 MB gradient here).
 torch::Tensor quantize_u8(torch::Tensor x, double scale, int64_t zero) {
   const auto type = x.scalar_type();
   TORCH_CHECK((type == torch::kFloat32 || type == torch::kBFloat16) &&
@@ -428,17 +445,49 @@ torch::Tensor quantize_u8(torch::Tensor x, double scale, int64_t zero) {
   const __m512i z = _mm512_set1_epi32(static_cast<int>(zero));
   const __m512i lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(255);
   uint8_t* Q = q.data_ptr<uint8_t>();
-  const bool bf16 = type == torch::kBFloat16;
-  const float* XF = bf16 ? nullptr : x.data_ptr<float>();
-  const u16* XB = bf16 ? reinterpret_cast<const u16*>(x.data_ptr()) : nullptr;
-  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; i += 16) {
-      const __mmask16 k = lanes_left(e - i);
-      const __m512 v = bf16 ? load_bf16(k, XB + i) : _mm512_maskz_loadu_ps(k, XF + i);
-      __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), z);
-      r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
-      _mm512_mask_cvtepi32_storeu_epi8(Q + i, k, r);
-    }
+  each_16_floats(x, [&](int64_t i, __mmask16 k, __m512 v) {
+    __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), z);
+    r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+    _mm512_mask_cvtepi32_storeu_epi8(Q + i, k, r);
+  });
+  return q;
+}
+
+// x * (1 / scale) rounded stochastically (down, or up with probability its fraction) and
+// clamped to [-127, 127], as int8 with x's strides: the output gradient's levels for
+// int8.filter_grad, symmetric, written signed for torch._int_mm. Rounding to nearest
+// zeroes every gradient under half a step, and a filter gradient sums millions of them:
+// the recipe trained to a higher loss and 2 points less accuracy so (docs/fast-recipe.md,
+// "A twenty-third round"); this rounding is unbiased. The uniform draw is a hash of
+// (seed, element index), so the levels depend on the seed alone, not on how the loop was
+// split among threads.
+torch::Tensor quantize_s8_stochastic(torch::Tensor x, double scale, int64_t seed) {
+  const auto type = x.scalar_type();
+  TORCH_CHECK((type == torch::kFloat32 || type == torch::kBFloat16) &&
+              x.is_non_overlapping_and_dense(), "x: a dense fp32 or bf16 tensor");
+  TORCH_CHECK(scale > 0, "scale > 0");
+  auto q = torch::empty_like(x, x.options().dtype(torch::kInt8));  // x's strides
+  const __m512 inv = _mm512_set1_ps(static_cast<float>(1.0 / scale));
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  const __m512i key = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed)));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu));
+  const __m512i m2 = _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u));
+  const __m512i golden = _mm512_set1_epi32(static_cast<int>(0x9E3779B9u));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 unit = _mm512_set1_ps(1.0f / 16777216.0f);  // 2^-24: 24 random bits in [0, 1)
+  int8_t* Q = q.data_ptr<int8_t>();
+  each_16_floats(x, [&](int64_t i, __mmask16 k, __m512 v) {
+    // murmur3's finalizer of (index x golden ratio) ^ seed: one 32-bit hash a lane
+    __m512i h = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i)), lane);
+    h = _mm512_xor_si512(_mm512_mullo_epi32(h, golden), key);
+    h = _mm512_mullo_epi32(_mm512_xor_si512(h, _mm512_srli_epi32(h, 16)), m1);
+    h = _mm512_mullo_epi32(_mm512_xor_si512(h, _mm512_srli_epi32(h, 13)), m2);
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)), unit);
+    const __m512 f = _mm512_roundscale_ps(_mm512_fmadd_ps(v, inv, u),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512i r = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(f), lo), hi);
+    _mm512_mask_cvtepi32_storeu_epi8(Q + i, k, r);
   });
   return q;
 }
@@ -454,6 +503,7 @@ int64_t parallel_threads() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads", &parallel_threads);
   m.def("quantize_u8", &quantize_u8);
+  m.def("quantize_s8_stochastic", &quantize_s8_stochastic);
   m.def("im2col_filter_grad", &im2col_filter_grad);
   m.def("gelu_forward", &gelu_forward);
   m.def("gelu_backward", &gelu_backward);

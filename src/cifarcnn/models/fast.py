@@ -126,7 +126,7 @@ class FilterGradConv(torch.autograd.Function):
     ended 2.4 points below it). `gemm`: the gradient comes from
     `im2col_filter_grad`'s matrix products, not oneDNN's kernel: the same sums in
     another order. `quantized`: the forward pass and the input gradient run on
-    oneDNN's int8 kernel (`cifarcnn.int8`), and on maps up to 7x7 the filter
+    oneDNN's int8 kernel (`cifarcnn.int8`), and on maps up to 11x11 the filter
     gradient on int8 matrix products (`int8.filter_grad`); larger maps' in float.
     Under autocast the conv runs in the autocast dtype, as nn.Conv2d's would.
     """
@@ -137,11 +137,21 @@ class FilterGradConv(torch.autograd.Function):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         xc, wc = x.to(dtype), weight.to(dtype)
-        ctx.save_for_backward(xc, wc)
         ctx.keep, ctx.gemm, ctx.dtypes = keep, gemm, (x.dtype, weight.dtype)
+        # on maps where the filter gradient is int8 too, the backward pass reads x's int8
+        # levels only: those are kept (a quarter of fp32's memory), not quantized twice
         ctx.quantized = quantized
+        ctx.int8_filter_grad = (quantized and ctx.needs_input_grad[1]
+                                and x.shape[2] * x.shape[3] <= int8.FILTER_GRAD_POSITIONS)
         if quantized:
-            return int8.conv3x3(xc, weight, dtype)
+            q = int8.quantize(xc, symmetric=False)
+            if ctx.int8_filter_grad:
+                ctx.save_for_backward(q[0], wc)
+                ctx.x_scale, ctx.x_zero = q[1], q[2]
+            else:
+                ctx.save_for_backward(xc, wc)
+            return int8.conv3x3(xc, weight, dtype, q=q)
+        ctx.save_for_backward(xc, wc)
         with torch.autocast(device, enabled=False):
             return F.conv2d(xc, wc, padding=1)
 
@@ -162,8 +172,8 @@ class FilterGradConv(torch.autograd.Function):
             if k < len(x):
                 part, xs = grad[:k], x[:k]
                 part = part - part.mean((0, 2, 3), keepdim=True)
-            if ctx.quantized and xs.shape[2] * xs.shape[3] <= int8.FILTER_GRAD_POSITIONS:
-                gw = int8.filter_grad(part, xs)
+            if ctx.int8_filter_grad:
+                gw = int8.filter_grad(part, None, qx=(xs, ctx.x_scale, ctx.x_zero))
             elif ctx.gemm:
                 gw = im2col_filter_grad(part, xs)
             else:
