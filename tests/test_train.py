@@ -144,6 +144,9 @@ def test_precision_on_a_cpu_without_bf16_hardware(monkeypatch):
     from cifarcnn import config
 
     monkeypatch.setattr(config, "cpu_has_bf16", lambda: False)
+    # the probe uncached, so that it asks the patched cpu_has_bf16 (cached, it answers
+    # for this CPU)
+    monkeypatch.setattr(config, "cpu_bf16_pays", config.cpu_bf16_pays.__wrapped__)
     assert config.resolve_precision("auto", "cpu") == "fp32"
     with pytest.warns(UserWarning, match="emulates it"):
         assert config.resolve_precision("bf16", "cpu") == "bf16"

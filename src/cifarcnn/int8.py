@@ -9,14 +9,17 @@ sums in int32, written out in the float precision. On CPUs with VNNI (`vpdpbusd`
 four u8 x s8 products and their sum per 32-bit lane) that kernel ran the recipe's
 convs 1.8-3.6x faster than fp32, and 1.3-2.9x with the quantizing here
 (`benchmarks/int8_convs.py`, a Xeon without AMX, docs/fast-recipe.md "A twenty-second
-round"). oneDNN has no int8 filter-gradient conv; on maps up to 7x7 the filter
-gradient is an s8 x s8 matrix product instead (`filter_grad`, torch._int_mm), and in
-float on the larger maps, where its im2col copy costs more than the product saves.
+round"). oneDNN has no int8 filter-gradient conv; for convs of at least
+`FILTER_GRAD_MIN_OUT` output channels the filter gradient is an s8 x s8 matrix product
+instead (`filter_grad`, torch._int_mm), and in float for the thinner ones, whose
+product saves less than its quantizing and im2col copy cost.
 
 Rounding is to nearest, per tensor for the activations (their minimum and maximum:
 after a GELU they are nearly all positive, so an asymmetric range keeps 8 bits for
-them) and symmetric for the output gradients (zero point 128). The backward pass is
-straight-through: each product's gradient is taken as if there were no rounding.
+them) and symmetric for the output gradients (zero point 128), except the output
+gradient of the filter gradient, rounded stochastically (`quantize_stochastic`). The
+backward pass is straight-through: each product's gradient is taken as if there were
+no rounding.
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ def available() -> bool:
 # million 7.1 against 13.1 (one-off timings, 2 threads). Smaller convs stay in float.
 MIN_MACS = 200_000_000
 EVERY = 961  # int8_positions that reaches every conv of a 32x32 step (the first: 31x31)
-# The filter gradient goes to torch._int_mm on maps up to this size (11x11): 0.25-0.55x
-# oneDNN's fp32 time there, but slower on the 15x15 and 31x31 maps, where the im2col
-# copy and the quantizing outgrow the product (one-off timings, docs/fast-recipe.md "A
-# twenty-third round").
-FILTER_GRAD_POSITIONS = 121
+# The filter gradient goes to torch._int_mm for convs with at least this many output
+# channels (the product's rows), on any map: 0.31-0.76x oneDNN's fp32 time for the
+# recipe's 192- and 256-channel convs from 15x15 down to 3x3, but 1.07-1.50x for its
+# 48-channel ones, whose thin product does not pay for the quantizing and the im2col copy
+# (one-off timings, docs/fast-recipe.md "A twenty-third round").
+FILTER_GRAD_MIN_OUT = 128
 
 
 @functools.cache
@@ -199,7 +203,10 @@ def filter_grad(grad: torch.Tensor, x: torch.Tensor | None, chunk_bytes: int = 3
         # its transpose as a view: the product ran as fast on it as on a transposed copy,
         # which cost more than the product itself at 15x15 (77 against 48 ms)
         sums = torch._int_mm(g.t(), cols)
-        sums -= pad * g.sum(0, dtype=torch.int32)[:, None]
+        # grad's column sums as a product too: ones times g ran 10-30x faster than
+        # g.sum(0) (a strided int8 reduction: 78 ms of a 200 ms call at 31x31)
+        ones = torch.ones(1, len(g), dtype=torch.int8)
+        sums -= pad * torch._int_mm(ones, g)[0][:, None]
         total += sums.float()
     total *= sx * sg
     return total.view(o, 3, 3, c).permute(0, 3, 1, 2)

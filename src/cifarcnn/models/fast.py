@@ -126,8 +126,9 @@ class FilterGradConv(torch.autograd.Function):
     ended 2.4 points below it). `gemm`: the gradient comes from
     `im2col_filter_grad`'s matrix products, not oneDNN's kernel: the same sums in
     another order. `quantized`: the forward pass and the input gradient run on
-    oneDNN's int8 kernel (`cifarcnn.int8`), and on maps up to 11x11 the filter
-    gradient on int8 matrix products (`int8.filter_grad`); larger maps' in float.
+    oneDNN's int8 kernel (`cifarcnn.int8`), and for convs of at least 128 output
+    channels the filter gradient on int8 matrix products (`int8.filter_grad`); the
+    thinner convs' in float.
     Under autocast the conv runs in the autocast dtype, as nn.Conv2d's would.
     """
 
@@ -138,11 +139,11 @@ class FilterGradConv(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         xc, wc = x.to(dtype), weight.to(dtype)
         ctx.keep, ctx.gemm, ctx.dtypes = keep, gemm, (x.dtype, weight.dtype)
-        # on maps where the filter gradient is int8 too, the backward pass reads x's int8
+        # where the filter gradient is int8 too, the backward pass reads x's int8
         # levels only: those are kept (a quarter of fp32's memory), not quantized twice
         ctx.quantized = quantized
         ctx.int8_filter_grad = (quantized and ctx.needs_input_grad[1]
-                                and x.shape[2] * x.shape[3] <= int8.FILTER_GRAD_POSITIONS)
+                                and weight.shape[0] >= int8.FILTER_GRAD_MIN_OUT)
         if quantized:
             q = int8.quantize(xc, symmetric=False)
             if ctx.int8_filter_grad:
