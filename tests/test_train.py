@@ -197,6 +197,32 @@ def test_bf16_pays_only_where_the_cpu_multiplies_it_faster(monkeypatch, tmp_path
     assert config.cpu_bf16_pays() <= config.cpu_has_bf16()
 
 
+def test_the_bf16_probe_times_cpu_products_under_the_meta_device(monkeypatch, tmp_path):
+    """`build_model` runs a model's constructor under torch.device("meta") first, and the
+    fast net's asks `int8.pays()`, which asks this probe: its products must still be real
+    CPU ones (on meta they took no time and tied, and a Zen 5 then trained in fp32)."""
+    from cifarcnn import config
+
+    devices = []
+
+    def timed(fp32, bf16, rounds):
+        devices.extend([fp32().device.type, bf16().device.type])
+        return 2.0e-3, 1.0e-3
+
+    monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags : avx512f avx512_bf16")
+    monkeypatch.setattr(config, "CPUINFO", info)
+    monkeypatch.setattr(config, "_paired_best", timed)
+    config.cpu_bf16_pays.cache_clear()
+    try:
+        with torch.device("meta"):
+            assert config.cpu_bf16_pays()
+    finally:
+        config.cpu_bf16_pays.cache_clear()
+    assert devices == ["cpu", "cpu"]
+
+
 def test_bad_config_values_are_clear_errors():
     for kwargs, needle in (({"optimizer": "lbfgs"}, "--optimizer"), ({"lr": -1.0}, "--lr"),
                            ({"precision": "int4"}, "--precision"), ({"epochs": 0}, "--epochs"),

@@ -410,8 +410,12 @@ def cpu_bf16_pays() -> bool:
             return True
     except OSError:
         pass
+    # on the CPU by name: the first call can come from a model's constructor, which
+    # `build_model` runs under `torch.device("meta")`, where the products take no time
+    # and the two tie (so a Zen 5 trained in fp32: docs/fast-recipe.md, "A twenty-fourth
+    # round")
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(768, 768, generator=gen)
+    a = torch.randn(768, 768, generator=gen, device="cpu")
     b16 = a.bfloat16()
     fp32, bf16 = _paired_best(lambda: a @ a, lambda: b16 @ b16, 7)
     return bf16 < BF16_MARGIN * fp32
