@@ -59,19 +59,20 @@ FILTER_GRAD_MIN_OUT = 128
 
 @functools.cache
 def pays() -> bool:
-    """Whether the fast net trains its convs on the int8 kernel by default on this CPU.
+    """Whether the fast net trains its convs on the int8 kernel by default on this CPU: one
+    with int8 dot products (VNNI) and no AMX, whichever float it trains in.
 
     Where it was measured: on the Xeon with VNNI and no AMX, where fp32 is the faster float
     (`config.cpu_bf16_pays`), every conv on it made a step 0.71-0.79x as long and the
     recipe 0.74x, for 0.11 points of accuracy over three seeds, about one seed's spread
-    (docs/fast-recipe.md, "A twenty-second round"). Where bf16
-    pays (AMX, the Zen 5) int8 has not been measured against it, and without int8 dot
+    (docs/fast-recipe.md, "A twenty-second round"); on the Zen 5, where bf16 is, its steps
+    took 0.80-0.85x a bf16 step's time ("A twenty-fourth round"). The Zen 4 has the same
+    instructions, two int8 products to one bf16 per lane, but was not measured. With AMX
+    bf16 has its own matrix units (not measured against int8), and without int8 dot
     products (AVX2) the kernel was barely faster than fp32 ("A seventeenth round"): off."""
-    from .config import cpu_bf16_pays  # here: config imports the models, which import this
-
     flags = native.cpu_flags()
     return (available() and native.cpu_supported() and bool({"avx512_vnni", "avx_vnni"} & flags)
-            and not native.has_amx() and not cpu_bf16_pays())
+            and not native.has_amx())
 
 
 def worth(macs: int) -> bool:

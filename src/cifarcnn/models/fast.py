@@ -414,8 +414,8 @@ class FastNet(nn.Module):
         their training forward pass and input gradient on oneDNN's int8 kernel
         (`cifarcnn.int8`; 961: every conv of a 32x32 step; 49: its 7x7 and 3x3 maps; 0:
         never). None, the default: 961 where `int8.pays()` (a CPU with int8 dot products
-        where fp32 is the faster float, as measured), 0 elsewhere. Evaluation stays in
-        float (docs/fast-recipe.md, "A twenty-second round")."""
+        and no AMX, as measured), 0 elsewhere. Evaluation stays in float
+        (docs/fast-recipe.md, "A twenty-second round" and "A twenty-fourth round")."""
         super().__init__()
         self.muon_momentum, self.ns_steps = muon_momentum, ns_steps
         self.freeze_first_group = freeze_first_group
