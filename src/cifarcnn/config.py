@@ -410,10 +410,10 @@ def cpu_bf16_pays() -> bool:
             return True
     except OSError:
         pass
-    # on the CPU by name: the first call can come from a model's constructor, which
-    # `build_model` runs under `torch.device("meta")`, where the products take no time
-    # and the two tie (so a Zen 5 trained in fp32: docs/fast-recipe.md, "A twenty-fourth
-    # round")
+    # on the CPU by name: a call can come from inside a model's constructor, which
+    # `build_model` runs under `torch.device("meta")` first, where the products take no
+    # time and tie (`int8.pays()` made such a first call, and a Zen 5 trained in fp32:
+    # docs/fast-recipe.md, "A twenty-fourth round")
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(768, 768, generator=gen, device="cpu")
     b16 = a.bfloat16()
