@@ -368,11 +368,13 @@ def test_int8_conv_and_its_gradients_are_the_convs_to_int8_rounding():
 
 
 @needs_int8
-def test_int8_positions_quantizes_the_small_maps_training_passes_only():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_positions_quantizes_the_small_maps_training_passes_only(dtype):
     """The convs on maps of at most `int8_positions` positions train on the int8 kernel
     (forward pass and input gradient, and for convs of at least `FILTER_GRAD_MIN_OUT`
     outputs the filter gradient), the others and every evaluation stay float, and a step's
-    gradients stay the float net's."""
+    gradients stay the float net's; under bf16 autocast (the Zen 5's float) the kernel
+    takes and gives bf16."""
     torch.manual_seed(0)
     float_net = build_model("fast", widths=[8, 16, 16], dense_positions=0,
                             int8_positions=0).train()
@@ -380,11 +382,21 @@ def test_int8_positions_quantizes_the_small_maps_training_passes_only():
     net.load_state_dict(float_net.state_dict())
     x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     calls: list[tuple[int, ...]] = []
+    dtypes: set[tuple[torch.dtype, torch.dtype]] = set()
     real = int8.conv3x3
 
-    def counted(t: torch.Tensor, *rest: object, **kw: object) -> torch.Tensor:
+    def counted(t: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, *rest: object,
+                **kw: object) -> torch.Tensor:
         calls.append(tuple(t.shape[2:]))
-        return real(t, *rest, **kw)
+        dtypes.add((t.dtype, out_dtype))
+        return real(t, w, out_dtype, *rest, **kw)
+
+    def step(m: torch.nn.Module) -> torch.Tensor:
+        with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+            out = m(x)
+        assert out.dtype == dtype
+        out.float().square().sum().backward()
+        return out.float()
 
     grads: list[tuple[int, ...]] = []
     real_grad = int8.filter_grad
@@ -399,18 +411,19 @@ def test_int8_positions_quantizes_the_small_maps_training_passes_only():
         mp.setattr(int8, "filter_grad", counted_grad)
         mp.setattr(int8, "MIN_MACS", 0)  # these tiny convs would stay in float
         mp.setattr(int8, "FILTER_GRAD_MIN_OUT", 16)  # these 16-channel convs are thin too
-        out = net(x)
-        out.square().sum().backward()
+        out = step(net)
     # 32x32: the last three convs run on 7x7 and 3x3 maps, forward and input gradient each,
     # and so does their filter gradient
     assert sorted(calls) == sorted([(7, 7), (7, 7), (3, 3)] * 2)
     assert sorted(grads) == [(3, 3), (7, 7), (7, 7)]
-    ref = float_net(x)
-    ref.square().sum().backward()
+    assert dtypes == {(dtype, dtype)}
+    ref = step(float_net)
     assert float((out - ref).detach().norm() / ref.detach().norm()) < 0.05
     for (name, p), q in zip(net.named_parameters(), float_net.parameters(), strict=True):
         if p.grad is not None:
-            cos = F.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+            assert p.grad.dtype == q.grad.dtype, name
+            cos = F.cosine_similarity(p.grad.flatten().float(), q.grad.flatten().float(),
+                                      dim=0)
             assert cos > 0.98, (name, float(cos))
     calls.clear(), grads.clear()
     with pytest.MonkeyPatch.context() as mp:
@@ -432,45 +445,6 @@ def test_int8_positions_quantizes_the_small_maps_training_passes_only():
             if isinstance(c, Conv3x3)} == {default}
     with pytest.raises(CifarError, match="int8_positions"):
         build_model("fast", int8_positions=-1)
-
-
-@needs_int8
-def test_int8_convs_train_under_bf16_autocast_as_the_float_net_does():
-    """Where bf16 is the float (the Zen 5), the int8 convs take bf16 activations and
-    output gradients and give bf16 back; a step's gradients stay the bf16 net's."""
-    torch.manual_seed(0)
-    float_net = build_model("fast", widths=[8, 16, 16], dense_positions=0,
-                            int8_positions=0).train()
-    # the 7x7 and 3x3 maps, as the fp32 test above (every conv of this tiny random net
-    # on int8 leaves the whitening bias's gradient at a cosine of 0.86 in fp32 too)
-    net = build_model("fast", widths=[8, 16, 16], dense_positions=0, int8_positions=49).train()
-    net.load_state_dict(float_net.state_dict())
-    x = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    seen: list[tuple[torch.dtype, torch.dtype]] = []
-    real = int8.conv3x3
-
-    def counted(t: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, *rest: object,
-                **kw: object) -> torch.Tensor:
-        seen.append((t.dtype, out_dtype))
-        return real(t, w, out_dtype, *rest, **kw)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(int8, "conv3x3", counted)
-        mp.setattr(int8, "MIN_MACS", 0)
-        mp.setattr(int8, "FILTER_GRAD_MIN_OUT", 16)
-        for m in (float_net, net):
-            with torch.autocast("cpu", torch.bfloat16):
-                out = m(x)
-            assert out.dtype == torch.bfloat16
-            out.float().square().sum().backward()
-    # three convs, forward and input gradient each, in bf16 both ways
-    assert len(seen) == 6 and set(seen) == {(torch.bfloat16, torch.bfloat16)}
-    for (name, p), q in zip(float_net.named_parameters(), net.parameters(), strict=True):
-        if p.grad is not None:
-            assert q.grad is not None and q.grad.dtype == p.grad.dtype, name
-            cos = F.cosine_similarity(p.grad.flatten().float(), q.grad.flatten().float(),
-                                      dim=0)
-            assert cos > 0.98, (name, float(cos))
 
 
 def test_int8_is_the_default_only_with_int8_dot_products_and_no_amx(monkeypatch):
